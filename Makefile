@@ -1,0 +1,46 @@
+# DiffInject — `make help` lists the targets. Every target builds `.venv` itself when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The torch pair first, so no other package can pull a different torch build.
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: .venv
+.venv: $(STAMP) ## Create the virtual env and install the package with the tested constraints (idempotent)
+
+.PHONY: test
+test: $(STAMP) ## Run the fast test suite (CPU, no slow/gpu tests)
+	$(BIN)/pytest
+
+.PHONY: test-slow
+test-slow: $(STAMP) ## Run the slow tests too (DDP on CPU, longer training)
+	$(BIN)/pytest -m "not gpu"
+
+.PHONY: lint
+lint: $(STAMP) ## Ruff lint and format check
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+.PHONY: format
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+.PHONY: clean
+clean: ## Remove caches (keeps .venv, data/ and runs/)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

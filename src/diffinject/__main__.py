@@ -1,0 +1,3 @@
+from diffinject.cli import main
+
+main()
