@@ -1,0 +1,167 @@
+"""`BiasedDataModule`: the LightningDataModule every dataset of the project subclasses.
+
+A subclass sets `name`, `pct`, `num_classes`, `image_size`, `channels` in `__init__` (configs and the CLI read
+them before `setup`) and implements three builders: `_build_train` -> (augmented train, ordered train without
+augmentation), `_build_val`, `_build_test`. The base class adds what every stage needs on top: the synthetic
+manifest appended to the training split (debias stage), split-size and conflict-count logging, and the four
+dataloaders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from diffinject.data.datasets import LabeledConcatDataset, Transform, image_is_readable
+from diffinject.data.protocol import conflict_summary
+from diffinject.data.synthetic import read_synthetic_manifest, synthetic_dataset
+
+log = logging.getLogger("diffinject.data")
+
+BadImagePolicy = Literal["error", "skip"]
+
+
+def readable_mask(paths: Sequence[str | Path], what: str) -> np.ndarray:
+    """`on_bad_image='skip'` scan: which files PIL can verify; logs how many were dropped and which."""
+    keep = np.array([image_is_readable(p) for p in paths], dtype=bool)
+    bad = [str(p) for p, ok in zip(paths, keep, strict=True) if not ok]
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        log.warning("on_bad_image='skip': dropped %d unreadable image(s) from %s: %s", len(bad), what, shown)
+    return keep
+
+
+class BiasedDataModule(LightningDataModule):
+    """Base data module: items are `{"image": float32 C×H×W in [0, 1], "label", "bias", "index"}`.
+
+    Args:
+        root: folder holding the datasets (and where built datasets are cached).
+        batch_size: samples per batch for every loader.
+        num_workers: DataLoader worker processes (images decode there); persistent when > 0.
+        seed: data seed (split and bias assignment of generated datasets); independent of the global seed.
+        synthetic_manifest: CSV of synthetic images (index,label,path) appended to the training split only,
+            with `index = num_train_original + row` and `bias = -1`.
+        on_bad_image: "error" raises on an unreadable image, naming it; "skip" drops unreadable files at setup
+            and logs how many.
+    """
+
+    name: str = "dataset"
+    pct: str = ""
+    num_classes: int = 0
+    image_size: int = 0
+    channels: int = 3
+    #: which test images give the dataset's "unbiased accuracy" ("conflicting" for BFFHQ); all are reported.
+    unbiased_test_subset: Literal["all", "conflicting"] = "all"
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        synthetic_manifest: str | None = None,
+        on_bad_image: BadImagePolicy = "error",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.synthetic_manifest = synthetic_manifest
+        self.on_bad_image: BadImagePolicy = on_bad_image
+        self.train_dataset: Dataset | None = None
+        self.train_eval_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.num_train_original: int | None = None
+
+    # ----------------------------------------------------------------- subclass hooks
+    def _build_train(self) -> tuple[Dataset, Dataset]:
+        """Return (train with augmentation, train without augmentation); same items, same order."""
+        raise NotImplementedError
+
+    def _build_val(self) -> Dataset:
+        raise NotImplementedError
+
+    def _build_test(self) -> Dataset:
+        raise NotImplementedError
+
+    def train_transform(self) -> Transform | None:
+        """Augmentation applied to uint8 C×H×W training images (also to synthetic ones); None = none."""
+        return None
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "predict") and self.train_eval_dataset is None:
+            train, train_eval = self._build_train()
+            self.num_train_original = len(train_eval)
+            self._log_split("train", train_eval)
+            if self.synthetic_manifest:
+                synthetic = self._synthetic_part()
+                train = LabeledConcatDataset([train, synthetic])
+                self._log_split("train + synthetic", train)
+            self.train_dataset, self.train_eval_dataset = train, train_eval
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._build_val()
+            self._log_split("val", self.val_dataset)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._build_test()
+            self._log_split("test", self.test_dataset)
+
+    def _synthetic_part(self) -> Dataset:
+        manifest = read_synthetic_manifest(self.synthetic_manifest, self.num_classes)
+        if self.on_bad_image == "skip":
+            manifest = manifest.subset(
+                readable_mask(manifest.paths, f"synthetic manifest {manifest.csv_path}")
+            )
+        dataset = synthetic_dataset(
+            manifest,
+            self.channels,
+            self.image_size,
+            index_offset=self.num_train_original,
+            transform=self.train_transform(),
+        )
+        log.info("%s: appended %d synthetic images from %s", self.name, len(dataset), manifest.csv_path)
+        return dataset
+
+    def _log_split(self, split: str, dataset: Dataset) -> None:
+        log.info("%s %s %s: %s", self.name, self.pct, split, conflict_summary(dataset.labels, dataset.biases))
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is not built; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The training split without augmentation, in index order (top-K scoring, injection)."""
+        return self._loader(self.train_eval_dataset, "train (predict)", shuffle=False)

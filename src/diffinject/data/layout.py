@@ -1,0 +1,256 @@
+"""The DisEnt/BiasEnsemble folder layout: locating, scanning and writing it.
+
+```
+{root}/{name}/{pct}/align/{class}/{idx}_{label}_{bias}.png
+{root}/{name}/{pct}/conflict/{class}/{idx}_{label}_{bias}.png
+{root}/{name}/{pct}/valid/...   or   {root}/{name}/valid/...   (flat or one folder per class)
+{root}/{name}/test/...                                          (flat or one folder per class)
+```
+Label and bias are the last two `_`-separated integers of the file stem, so folder names may contain `_`.
+Files are ordered by their leading `idx` when it is an integer, then by path, which makes the order
+deterministic and lets an exported dataset read back in its original index order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("diffinject.data")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+FILENAME_PATTERN = "{idx}_{label}_{bias}.png, where label and bias are the last two '_'-separated integers"
+EXPECTED_LAYOUT = """expected layout:
+  {root}/{name}/{pct}/align/{class}/{idx}_{label}_{bias}.png
+  {root}/{name}/{pct}/conflict/{class}/{idx}_{label}_{bias}.png
+  {root}/{name}/{pct}/valid/[{class}/]{idx}_{label}_{bias}.png   (or {root}/{name}/valid/...)
+  {root}/{name}/test/[{class}/]{idx}_{label}_{bias}.png"""
+SPLIT_DIRS = frozenset({"valid", "test"})
+
+
+@dataclass(frozen=True)
+class ImageRecords:
+    """Sorted image files of one split with the label and bias parsed from their names."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    biases: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> ImageRecords:
+        return ImageRecords(
+            [p for p, k in zip(self.paths, keep, strict=True) if k], self.labels[keep], self.biases[keep]
+        )
+
+
+def parse_label_bias(stem: str) -> tuple[int, int] | None:
+    """`(label, bias)` from a stem like "123_4_7", or None when the last two fields are not integers."""
+    fields = stem.split("_")
+    if len(fields) < 2:
+        return None
+    try:
+        return int(fields[-2]), int(fields[-1])
+    except ValueError:
+        return None
+
+
+def _order_key(path: Path) -> tuple[int, int, str]:
+    head = path.stem.split("_", 1)[0]
+    return (0, int(head), str(path)) if head.isdigit() else (1, 0, str(path))
+
+
+def _walk_files(directory: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in filenames)
+    return found
+
+
+def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
+    """All image files under `directories` (recursively), parsed and in deterministic order.
+
+    Raises ValueError listing up to five file names that do not follow the naming pattern; files that are not
+    images (by extension) are left out and counted in a warning.
+    """
+    images, others, unparsed = [], [], []
+    for directory in directories:
+        for path in _walk_files(directory):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                others.append(path)
+            elif parse_label_bias(path.stem) is None:
+                unparsed.append(path)
+            else:
+                images.append(path)
+    if unparsed:
+        shown = "\n  ".join(str(p) for p in unparsed[:5])
+        more = f"\n  ... and {len(unparsed) - 5} more" if len(unparsed) > 5 else ""
+        raise ValueError(
+            f"{len(unparsed)} file name(s) in {what} do not parse; "
+            f"expected {FILENAME_PATTERN}:\n  {shown}{more}"
+        )
+    if others:
+        log.warning(
+            "%s: ignored %d non-image file(s) (extensions other than %s), e.g. %s",
+            what,
+            len(others),
+            ", ".join(sorted(IMAGE_EXTENSIONS)),
+            others[0],
+        )
+    images.sort(key=_order_key)
+    parsed = [parse_label_bias(p.stem) for p in images]
+    return ImageRecords(
+        paths=images,
+        labels=np.array([lb[0] for lb in parsed], dtype=np.int64),
+        biases=np.array([lb[1] for lb in parsed], dtype=np.int64),
+    )
+
+
+def check_classes(records: ImageRecords, num_classes: int, what: str) -> None:
+    """Every class 0..num_classes-1 must be present and no label may fall outside that range."""
+    if len(records.paths) == 0:
+        raise ValueError(f"{what} contains no images; expected {FILENAME_PATTERN}")
+    bad = records.labels[(records.labels < 0) | (records.labels >= num_classes)]
+    if bad.size:
+        example = records.paths[int(np.flatnonzero(records.labels == bad[0])[0])]
+        raise ValueError(
+            f"{what}: label {int(bad[0])} is outside [0, {num_classes}) (e.g. {example}); "
+            f"check num_classes or the file names"
+        )
+    missing = sorted(set(range(num_classes)) - set(records.labels.tolist()))
+    if missing:
+        raise ValueError(
+            f"{what}: class(es) {missing} have no images; every one of {num_classes} classes is needed"
+        )
+
+
+class FolderLayout:
+    """Resolved folders of one `{root}/{name}/{pct}` dataset; each missing piece is a clear error."""
+
+    def __init__(self, root: str | Path, name: str, pct: str) -> None:
+        self.root, self.name, self.pct = Path(root), name, pct
+        self.dataset_dir = self.root / name
+        if not self.dataset_dir.is_dir():
+            state = "exists" if self.root.is_dir() else "does not exist either"
+            raise FileNotFoundError(
+                f"dataset folder {self.dataset_dir} not found (root {self.root} {state}); "
+                f"{EXPECTED_LAYOUT.replace('{root}', str(self.root)).replace('{name}', name)}"
+            )
+        self.pct_dir = self.dataset_dir / pct
+        if not self.pct_dir.is_dir():
+            available = self.available_pcts(self.dataset_dir)
+            raise FileNotFoundError(
+                f"no {pct!r} folder in {self.dataset_dir}; available: {available or 'none'}"
+            )
+
+    @staticmethod
+    def available_pcts(dataset_dir: Path) -> list[str]:
+        return sorted(
+            p.name
+            for p in dataset_dir.iterdir()
+            if p.is_dir() and p.name not in SPLIT_DIRS and not p.name.startswith(".")
+        )
+
+    def train_dirs(self) -> list[Path]:
+        dirs = [self.pct_dir / "align", self.pct_dir / "conflict"]
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"missing training folder(s) {', '.join(missing)}; {EXPECTED_LAYOUT}")
+        return dirs
+
+    def valid_dir(self) -> Path:
+        candidates = [self.pct_dir / "valid", self.dataset_dir / "valid"]
+        for candidate in candidates:
+            if candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(
+            f"no validation folder: neither {candidates[0]} nor {candidates[1]} exists; {EXPECTED_LAYOUT}"
+        )
+
+    def test_dir(self) -> Path:
+        test = self.dataset_dir / "test"
+        if not test.is_dir():
+            raise FileNotFoundError(f"no test folder {test}; {EXPECTED_LAYOUT}")
+        return test
+
+
+# --------------------------------------------------------------------------- writing
+def image_filename(index: int, label: int, bias: int) -> str:
+    return f"{index}_{label}_{bias}.png"
+
+
+def save_png(path: Path, image: torch.Tensor | np.ndarray) -> None:
+    """Write a uint8 image given as C×H×W tensor or H×W×C / H×W array."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3:
+            image = np.transpose(image, (1, 2, 0))
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"save_png expects uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def write_split(
+    split_dir: Path,
+    items: Iterator[tuple[int, int, int, torch.Tensor | np.ndarray]],
+    by_alignment: bool,
+) -> int:
+    """Write (index, label, bias, uint8 image) items under `split_dir`; returns how many.
+
+    `by_alignment=True` writes the training layout `{align|conflict}/{label}/...`; otherwise `{label}/...`.
+    """
+    count = 0
+    made: set[Path] = set()
+    for index, label, bias, image in items:
+        if by_alignment:
+            if bias < 0:
+                raise ValueError(
+                    f"item {index} has unknown bias {bias}; cannot place it in align/ or conflict/"
+                )
+            folder = split_dir / ("align" if label == bias else "conflict") / str(label)
+        else:
+            folder = split_dir / str(label)
+        if folder not in made:
+            folder.mkdir(parents=True, exist_ok=True)
+            made.add(folder)
+        save_png(folder / image_filename(index, label, bias), image)
+        count += 1
+    return count
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path | None]:
+    """Build a folder in a temporary sibling and rename it to `target` when the block succeeds.
+
+    Yields None when `target` already exists (nothing to do). If another process renames first, the fresh copy
+    is discarded and the existing one kept, so concurrent builders never leave a half-written dataset.
+    """
+    if target.exists():
+        yield None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+            log.info("%s was built concurrently by another process; keeping that copy", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

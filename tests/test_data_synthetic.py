@@ -1,0 +1,121 @@
+"""Synthetic manifest: appended to the training split only, and every malformed manifest is a clear error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffinject.data import CMNISTDataModule
+from diffinject.data.datasets import BadImageError
+
+HEADER = "index,content_index,style_index,label,path\n"
+
+
+def _write_images(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        name = f"syn_{i:03d}.png"
+        if i == 1:  # grayscale and larger: must come out RGB 28×28
+            Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), mode="L").save(folder / name)
+        else:
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / name)
+        names.append(f"images/{name}")
+    return names
+
+
+def _manifest(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def _dm(manifest: Path, **kwargs) -> CMNISTDataModule:
+    return CMNISTDataModule(source="embedded", synthetic_manifest=str(manifest), **kwargs)
+
+
+def test_synthetic_rows_are_appended_to_train_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    names = _write_images(tmp_path / "images", 3)
+    # rows out of order: items follow the manifest's index column
+    manifest = _manifest(
+        tmp_path, HEADER + f"7,1,2,3,{names[2]}\n2,5,6,9,{names[0]}\n4,8,9,0,{tmp_path / names[1]}\n"
+    )
+    dm = _dm(manifest)
+    with caplog.at_level(logging.INFO, logger="diffinject.data"):
+        dm.setup("fit")
+    assert dm.num_train_original == 3600 and len(dm.train_eval_dataset) == 3600
+    assert len(dm.train_dataset) == 3603 and len(dm.val_dataset) == 400
+    items = [dm.train_dataset[3600 + r] for r in range(3)]
+    assert [it["index"] for it in items] == [3600, 3601, 3602]
+    assert [it["label"] for it in items] == [9, 0, 3]
+    assert all(it["bias"] == -1 for it in items)
+    assert all(it["image"].shape == (3, 28, 28) and it["image"].dtype == torch.float32 for it in items)
+    gray = items[1]["image"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert dm.train_dataset.biases[-3:].tolist() == [-1, -1, -1]
+    assert "appended 3 synthetic images" in caplog.text and "3 with unknown bias" in caplog.text
+    indices = torch.cat([b["index"] for b in dm.train_dataloader()])
+    assert sorted(indices.tolist()) == list(range(3603))
+
+
+H = "index,label,path\n"
+MALFORMED = [
+    (
+        "index,path\n0,images/syn_000.png\n",
+        ValueError,
+        r"lacks column\(s\) label; found header \['index', 'path'\]",
+    ),
+    (
+        H + "0,seven,images/syn_000.png\n",
+        ValueError,
+        r"line 2: column 'label' must be an integer, got 'seven'",
+    ),
+    (H + "x,1,images/syn_000.png\n", ValueError, r"line 2: column 'index' must be an integer"),
+    (H + "0,10,images/syn_000.png\n", ValueError, r"line 2: label 10 is outside \[0, 10\)"),
+    (H + "0,-1,images/syn_000.png\n", ValueError, r"label -1 is outside"),
+    (
+        H + "0,1,images/syn_000.png\n0,2,images/syn_001.png\n",
+        ValueError,
+        r"line 3: duplicate index 0 \(first on line 2",
+    ),
+    (H + "0,1,images/missing.png\n", FileNotFoundError, r"line 2: image .*images/missing.png does not exist"),
+    (H + "0,1\n", ValueError, r"line 2: row has fewer fields"),
+    (H, ValueError, r"has a header but no rows"),
+]
+
+
+@pytest.mark.parametrize(("text", "error", "pattern"), MALFORMED)
+def test_malformed_manifest(tmp_path: Path, text: str, error: type, pattern: str) -> None:
+    _write_images(tmp_path / "images", 2)
+    manifest = _manifest(tmp_path, text)
+    with pytest.raises(error, match=pattern) as err:
+        _dm(manifest).setup("fit")
+    assert str(manifest) in str(err.value)
+
+
+def test_missing_manifest_file(tmp_path: Path) -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"synthetic manifest .*nope.csv does not exist; expected a CSV"
+    ):
+        _dm(tmp_path / "nope.csv").setup("fit")
+
+
+def test_corrupt_synthetic_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    names = _write_images(tmp_path / "images", 2)
+    (tmp_path / names[1]).write_bytes(b"\x89PNG broken")
+    manifest = _manifest(tmp_path, HEADER + f"0,0,0,1,{names[0]}\n1,0,0,2,{names[1]}\n")
+    strict = _dm(manifest)
+    strict.setup("fit")
+    with pytest.raises(BadImageError, match="syn_001.png"):
+        strict.train_dataset[3601]
+    lenient = _dm(manifest, on_bad_image="skip")
+    with caplog.at_level(logging.WARNING, logger="diffinject.data"):
+        lenient.setup("fit")
+    assert len(lenient.train_dataset) == 3601
+    assert "dropped 1 unreadable image(s) from synthetic manifest" in caplog.text
