@@ -1,3 +1,3 @@
-from diffinject.cli import main
+from diffinject.cli import entry
 
-main()
+entry()

@@ -31,5 +31,10 @@ def main(args: ArgsType = None) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Console-script entry (`diffinject`): exit status 0 on success, unlike returning the CLI object."""
     main()
+
+
+if __name__ == "__main__":
+    entry()

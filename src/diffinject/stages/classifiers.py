@@ -1,0 +1,351 @@
+"""Classifier stages: the GCE-biased f_B (with top-K scoring), Vanilla ERM and the debiased classifier.
+
+All share `ClassifierModule`: one network from `build_classifier`, Adam, grouped val/test accuracy, checkpoint
+selection on `val/acc` only (bias labels are read for reporting, never for training or selection), and a
+`metrics.json` written into the run folder at test time. LfF lives in `stages/lff.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from diffinject.losses import gce_loss
+from diffinject.metrics import METRIC_NAMES, GroupedAccuracy, to_floats
+from diffinject.nets import build_classifier
+
+Batch = dict[str, torch.Tensor]
+CHECKPOINT_KEY = "diffinject"
+
+
+def checkpoint_dir(default_root_dir: str | os.PathLike[str]) -> Path:
+    """Where every classifier stage keeps `best.ckpt` and `last.ckpt`."""
+    return Path(default_root_dir) / "checkpoints"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temp file + rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def check_data_compatibility(hparams: Any, datamodule: Any) -> None:
+    """Fail early, naming both values, when the model config and the data module disagree."""
+    pairs = (("num_classes", "num_classes"), ("in_channels", "channels"), ("image_size", "image_size"))
+    problems = []
+    for model_key, data_key in pairs:
+        data_value = getattr(datamodule, data_key, None)
+        if data_value is not None and int(data_value) != int(hparams[model_key]):
+            problems.append(f"model.{model_key}={hparams[model_key]} but data.{data_key}={data_value}")
+    if problems:
+        name = type(datamodule).__name__
+        raise ValueError(f"model and data disagree ({name}): " + "; ".join(problems) + ". Fix the config.")
+
+
+class ClassifierModule(LightningModule):
+    """Shared classifier stage. Subclasses implement `training_loss(logits, batch) -> per-sample loss`.
+
+    Args:
+        arch: "mlp" (LfF MLP 3×100) or "resnet18" (torchvision, from scratch unless `pretrained`).
+        num_classes, in_channels, image_size: must match the data module (checked in `setup`).
+        pretrained: ImageNet weights for resnet18 (must already be in the local torch hub cache).
+        lr, weight_decay: Adam settings.
+        num_bias_classes: number of bias values for the grouped metrics (default: num_classes).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        pretrained: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        num_bias_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_classifier(arch, num_classes, in_channels, image_size, pretrained)
+        bias_classes = num_bias_classes or num_classes
+        self.val_metrics = GroupedAccuracy(num_classes, bias_classes)
+        self.test_metrics = GroupedAccuracy(num_classes, bias_classes)
+        self.val_summary: dict[str, float | None] = {}
+        self.loaded_checkpoint: dict[str, Any] = {}
+
+    # -- hooks shared by every stage -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_data_compatibility(self.hparams, datamodule)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """`{default_root_dir}/checkpoints/best.ckpt` (best val/acc) and `last.ckpt` (every epoch).
+
+        `last.ckpt` comes from its own callback: with `save_last=True`, Lightning 2.6 refreshes last.ckpt only
+        when a top-k checkpoint is saved, so it would hold the best epoch, not the last one.
+        """
+        folder = checkpoint_dir(self.trainer.default_root_dir)
+        best = ModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor="val/acc",
+            mode="max",
+            save_last=False,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, enable_version_counter=False)
+        return [best, last]
+
+    # -- training --------------------------------------------------------------------------------------
+    def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.training_loss(logits, batch).mean()
+        size = batch["label"].numel()
+        acc = (logits.argmax(1) == batch["label"]).float().mean()
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True
+        )
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        return loss
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch, metric: GroupedAccuracy, prefix: str) -> None:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=batch["label"].numel(), sync_dist=True)
+        metric.update(logits, batch["label"], batch["bias"])
+
+    def _eval_epoch_end(self, metric: GroupedAccuracy, prefix: str) -> dict[str, float | None]:
+        values = metric.compute()  # synchronised over ranks by torchmetrics
+        metric.reset()
+        for name in METRIC_NAMES:  # equal on every rank already; sync_dist only keeps Lightning quiet
+            self.log(f"{prefix}/{name}", values[name].float(), prog_bar=name == "acc", sync_dist=True)
+        return to_floats(values, prefix=f"{prefix}/")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        summary = self._eval_epoch_end(self.val_metrics, "val")
+        if not self.trainer.sanity_checking:
+            self.val_summary = {**summary, "epoch": self.current_epoch, "step": self.global_step}
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        # Under DDP the DistributedSampler pads with repeats: test on one device for exact counts.
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        summary = self._eval_epoch_end(self.test_metrics, "test")
+        if self.trainer.is_global_zero:
+            self.write_metrics(summary)
+
+    def write_metrics(self, test_summary: dict[str, float | None]) -> Path:
+        """`metrics.json` in the run folder: test metrics + the val metrics of the tested checkpoint."""
+        val = self.loaded_checkpoint.get("val", self.val_summary)
+        payload: dict[str, Any] = {
+            "stage": type(self).__name__,
+            "test": test_summary,
+            "val": val or None,
+            "checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
+            "checkpoint_epoch": self.loaded_checkpoint.get("epoch"),
+            "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
+            "hparams": {k: v for k, v in self.hparams.items() if not str(k).startswith("_")},
+            **self.extra_metrics(),
+        }
+        path = Path(self.trainer.default_root_dir) / "metrics.json"
+        write_json_atomic(path, payload)
+        rank_zero_info(f"wrote {path}: test/acc={test_summary.get('test/acc')}")
+        return path
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """Stage-specific entries for metrics.json."""
+        return {}
+
+    # -- checkpoints: keep the selected epoch's validation metrics with the weights ---------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"val": dict(self.val_summary), "epoch": self.current_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_checkpoint = dict(checkpoint.get(CHECKPOINT_KEY, {}))
+
+
+class VanillaClassifier(ClassifierModule):
+    """ERM baseline: plain cross-entropy on the biased training set."""
+
+    def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["label"], reduction="none")
+
+
+class BiasClassifier(ClassifierModule):
+    """f_B: a deliberately biased classifier trained with GCE; `predict` scores training images with plain CE.
+
+    Args:
+        q: GCE exponent (0.7 as in LfF/DiffInject).
+        weights: path to a `BiasClassifier` checkpoint (the bias fit stage's `checkpoints/best.ckpt`),
+            loaded in `setup`; the top-K config uses it: stages hand over files, never Trainer `ckpt_path`.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        pretrained: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        num_bias_classes: int | None = None,
+        q: float = 0.7,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__(
+            arch, num_classes, in_channels, image_size, pretrained, lr, weight_decay, num_bias_classes
+        )
+        self._weights_loaded = False
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.weights and not self._weights_loaded:
+            self.load_weights(self.hparams.weights)
+
+    def on_predict_start(self) -> None:
+        # Checked here, not in setup: Trainer restores a --ckpt_path only after setup.
+        if not self._weights_loaded and self.trainer.ckpt_path is None:
+            raise ValueError(
+                "BiasClassifier predict needs trained weights: set model.init_args.weights to the bias "
+                "stage's checkpoints/best.ckpt (run `diffinject fit --config configs/<dataset>/bias.yaml` "
+                "first)"
+            )
+
+    def load_weights(self, path: str) -> None:
+        """Load the network weights of a BiasClassifier checkpoint, checking that the architecture matches."""
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"BiasClassifier weights {file} not found: run the bias fit stage first "
+                "(`diffinject fit --config configs/<dataset>/bias.yaml`), which writes checkpoints/best.ckpt"
+            )
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"{file} is not a Lightning checkpoint (no 'state_dict')")
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("arch", "num_classes", "in_channels", "image_size"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"{file} was trained with {key}={saved[key]}, but this config has {self.hparams[key]}"
+                )
+        net_state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        self.net.load_state_dict(net_state)
+        self.loaded_checkpoint = dict(checkpoint.get(CHECKPOINT_KEY, {}))
+        self._weights_loaded = True
+        rank_zero_info(f"BiasClassifier: loaded weights from {file}")
+
+    def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return gce_loss(logits, batch["label"], q=self.hparams.q)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-sample plain CE (the top-K score), with label, bias (evaluation only) and dataset index."""
+        logits = self(batch["image"])
+        return {
+            "index": batch["index"],
+            "label": batch["label"],
+            "bias": batch["bias"],
+            "loss": F.cross_entropy(logits.float(), batch["label"], reduction="none"),
+        }
+
+
+class DebiasClassifier(ClassifierModule):
+    """Final classifier on original ∪ synthetic data (data module's `synthetic_manifest`).
+
+    Args:
+        loss: "ce" (default) or "gce".
+        q: GCE exponent when loss="gce".
+        require_synthetic: fail when the data module adds no synthetic items (a missing manifest would
+            otherwise silently turn this into the Vanilla baseline).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        pretrained: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        num_bias_classes: int | None = None,
+        loss: str = "ce",
+        q: float = 0.7,
+        require_synthetic: bool = True,
+    ) -> None:
+        if loss not in ("ce", "gce"):
+            raise ValueError(f"DebiasClassifier loss must be 'ce' or 'gce', got {loss!r}")
+        super().__init__(
+            arch, num_classes, in_channels, image_size, pretrained, lr, weight_decay, num_bias_classes
+        )
+        self.num_original: int | None = None
+        self.num_synthetic: int | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage != "fit":
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "num_train_original"):
+            raise ValueError("DebiasClassifier needs a BiasedDataModule (with num_train_original) as data")
+        self.num_original = int(datamodule.num_train_original)
+        self.num_synthetic = len(datamodule.train_dataset) - self.num_original
+        rank_zero_info(
+            f"DebiasClassifier: training on {self.num_original} original + "
+            f"{self.num_synthetic} synthetic items"
+        )
+        if self.num_synthetic <= 0:
+            message = (
+                "DebiasClassifier: the training set has no synthetic items; set "
+                "data.init_args.synthetic_manifest to the inject stage's manifest.csv"
+            )
+            if self.hparams.require_synthetic:
+                raise ValueError(message + " (or model.init_args.require_synthetic: false for an ablation)")
+            rank_zero_warn(message)
+
+    def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.num_original is not None:
+            synthetic = (batch["index"] >= self.num_original).float().mean()
+            self.log(
+                "train/synthetic_frac", synthetic, on_step=False, on_epoch=True, batch_size=logits.shape[0]
+            )
+        if self.hparams.loss == "gce":
+            return gce_loss(logits, batch["label"], q=self.hparams.q)
+        return F.cross_entropy(logits.float(), batch["label"], reduction="none")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY].update(num_original=self.num_original, num_synthetic=self.num_synthetic)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        saved = self.loaded_checkpoint
+        return {
+            "num_train_original": saved.get("num_original", self.num_original),
+            "num_train_synthetic": saved.get("num_synthetic", self.num_synthetic),
+        }

@@ -1,0 +1,210 @@
+"""The real classifier configs through the CLI: fit → test → top-K predict, debias with a manifest, seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffinject.cli import main
+from diffinject.seeds import aggregate, markdown_table, stage_commands
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+STAGES = ("vanilla", "lff", "bias", "topk", "debias")
+SUBCOMMAND = {"topk": "predict"}
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when both args= and pytest's own sys.argv are present.
+    monkeypatch.setattr("sys.argv", ["diffinject"])
+
+
+def tiny(run: Path, data_root: Path) -> list[str]:
+    """Overrides that keep a real config tiny and inside tmp_path."""
+    return [
+        "--trainer", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--trainer.default_root_dir", str(run),
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.init_args.source", "embedded",
+        "--data.init_args.root", str(data_root),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["cmnist", "ccifar10", "bffhq", "dogscats"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_config_parses(dataset: str, stage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = CONFIGS / dataset / f"{stage}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main([SUBCOMMAND.get(stage, "fit"), "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"runs/{dataset}/" in printed and "class_path: diffinject.stages" in printed
+
+
+def test_fit_test_predict_round_trip_on_embedded_cmnist(tmp_path: Path) -> None:
+    run, data = tmp_path / "bias", tmp_path / "data"
+    bias = str(CONFIGS / "cmnist" / "bias.yaml")
+    few = [
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    main(["fit", "--config", bias, *tiny(run, data), *few])
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.is_file() and (run / "config.yaml").is_file()
+
+    main(
+        [
+            "test",
+            "--config",
+            bias,
+            *tiny(run, data),
+            "--ckpt_path",
+            str(best),
+            "--trainer.limit_test_batches",
+            "1",
+        ]
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stage"] == "BiasClassifier" and metrics["checkpoint"] == str(best)
+    assert 0.0 <= metrics["test"]["test/acc"] <= 1.0 and metrics["val"]["val/acc"] is not None
+
+    output = run / "topk.csv"
+    main(
+        [
+            "predict", "--config", str(CONFIGS / "cmnist" / "topk.yaml"), *tiny(run / "topk", data),
+            "--model.init_args.weights", str(best), "--trainer.callbacks.init_args.output", str(output),
+        ]
+    )  # fmt: skip
+    with output.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 100
+    assert {label: sum(r["label"] == str(label) for r in rows) for label in range(10)} == dict.fromkeys(
+        range(10), 10
+    )
+    indices = [int(r["index"]) for r in rows]
+    assert len(set(indices)) == 100 and max(indices) < 3600  # embedded 1%: 3,600 training images
+    summary = json.loads((run / "topk_summary.json").read_text())
+    assert summary["num_scored"] == 3600 and 0.0 <= summary["precision"] <= 1.0
+
+
+def write_manifest(
+    folder: Path, n: int = 20, header: str = "index,content_index,style_index,label,path"
+) -> Path:
+    """A synthetic-set manifest like the inject stage's: PNGs in images/, paths relative to the CSV."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = [header]
+    for i in range(n):
+        image = (rng.random((28, 28, 3)) * 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / "images" / f"{i:05d}.png")
+        lines.append(f"{i},{i},{i + 100},{i % 10},images/{i:05d}.png")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.csv"
+
+
+def test_debias_trains_on_original_plus_manifest(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "inject")
+    run = tmp_path / "debias"
+    cli = main(
+        [
+            "fit", "--config", str(CONFIGS / "cmnist" / "debias.yaml"), *tiny(run, tmp_path / "data"),
+            "--data.init_args.synthetic_manifest", str(manifest),
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1",
+        ]
+    )  # fmt: skip
+    model, datamodule = cli.model, cli.datamodule
+    assert (model.num_original, model.num_synthetic) == (3600, 20)
+    synthetic = datamodule.train_dataset[3600 + 7]
+    assert synthetic["index"] == 3607 and synthetic["bias"] == -1 and synthetic["label"] == 7
+    assert synthetic["image"].shape == (3, 28, 28) and float(synthetic["image"].max()) <= 1.0
+    assert "train/synthetic_frac" in cli.trainer.callback_metrics
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert checkpoint["diffinject"]["num_synthetic"] == 20
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda m: m.unlink(), FileNotFoundError, "does not exist"),
+        (lambda m: m.write_text("index,label\n0,1\n"), ValueError, "lacks column"),
+        (lambda m: m.write_text("index,label,path\n0,12,images/00000.png\n"), ValueError, "outside"),
+        (
+            lambda m: m.write_text("index,label,path\n0,1,images/missing.png\n"),
+            FileNotFoundError,
+            "missing.png",
+        ),
+    ],
+)
+def test_debias_bad_manifest_fails_clearly(tmp_path: Path, mutate, error: type, match: str) -> None:
+    manifest = write_manifest(tmp_path / "inject", n=2)
+    mutate(manifest)
+    with pytest.raises(error, match=match):
+        main(
+            [
+                "fit", "--config", str(CONFIGS / "cmnist" / "debias.yaml"),
+                *tiny(tmp_path / "run", tmp_path / "d"),
+                "--data.init_args.synthetic_manifest", str(manifest), "--trainer.fast_dev_run", "true",
+            ]
+        )  # fmt: skip
+
+
+def test_debias_corrupt_image_fails_clearly(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "inject", n=2)
+    (tmp_path / "inject" / "images" / "00001.png").write_bytes(b"not a png")
+    with pytest.raises(Exception, match="00001.png"):
+        main(
+            [
+                "fit", "--config", str(CONFIGS / "cmnist" / "debias.yaml"),
+                *tiny(tmp_path / "run", tmp_path / "d"),
+                "--data.init_args.synthetic_manifest", str(manifest), "--trainer.fast_dev_run", "true",
+                "--data.init_args.batch_size", "4000",
+            ]
+        )  # fmt: skip
+
+
+def test_seed_commands_and_aggregate(tmp_path: Path) -> None:
+    commands = stage_commands(tmp_path, "cmnist", "bias", 3, extra=["--data.init_args.source", "embedded"])
+    assert [name for name, _, _ in commands] == ["fit", "test", "test_last", "topk"]
+    test_last = commands[2][1]
+    assert test_last[test_last.index("--ckpt_path") + 1] == str(tmp_path / "seed3/bias/checkpoints/last.ckpt")
+    assert commands[2][2] == tmp_path / "seed3" / "bias" / "last_epoch" / "metrics.json"
+    fit = commands[0][1]
+    assert fit[fit.index("--seed_everything") + 1] == "3"
+    assert fit[fit.index("--trainer.default_root_dir") + 1] == str(tmp_path / "seed3" / "bias")
+    topk = commands[3][1]
+    assert topk[topk.index("--model.init_args.weights") + 1] == str(
+        tmp_path / "seed3/bias/checkpoints/best.ckpt"
+    )
+
+    for seed, acc in ((0, 0.4), (1, 0.5), (2, 0.6)):
+        run = tmp_path / f"seed{seed}" / "vanilla"
+        run.mkdir(parents=True)
+        test = {"test/acc": acc, "test/acc_conflicting": acc - 0.1, "test/acc_worst_group": None}
+        (run / "metrics.json").write_text(json.dumps({"test": test, "val": {"val/acc": 0.9, "epoch": 3}}))
+    (tmp_path / "seed0" / "vanilla" / "last_epoch").mkdir()
+    (tmp_path / "seed0" / "vanilla" / "last_epoch" / "metrics.json").write_text(
+        json.dumps({"test": {"test/acc": 0.7}})
+    )
+    result = aggregate(tmp_path, ["vanilla"])
+    last = result["stages"]["vanilla (last epoch)"]
+    assert last["seeds"] == [0] and last["missing_seeds"] == [1, 2] and last["test/acc"]["mean"] == 0.7
+    entry = result["stages"]["vanilla"]
+    assert entry["test/acc"]["mean"] == pytest.approx(0.5) and entry["test/acc"]["std"] == pytest.approx(0.1)
+    assert entry["test/acc_worst_group"]["n"] == 0 and entry["val/acc"]["std"] == 0.0
+    assert "| vanilla | 3 | 50.00 ± 10.00 |" in markdown_table(result)
+    with pytest.raises(FileNotFoundError, match="no metrics.json for stage 'lff'"):
+        aggregate(tmp_path, ["lff"])
