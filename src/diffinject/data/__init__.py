@@ -9,3 +9,4 @@ from diffinject.data.cmnist import CMNISTDataModule as CMNISTDataModule
 from diffinject.data.folder import BFFHQDataModule as BFFHQDataModule
 from diffinject.data.folder import DogsCatsDataModule as DogsCatsDataModule
 from diffinject.data.folder import FolderDataModule as FolderDataModule
+from diffinject.data.pairs import InjectionPairsDataModule as InjectionPairsDataModule

@@ -1,0 +1,6 @@
+"""Lightning callbacks and logging helpers (prediction writers, image grids)."""
+
+from diffinject.callbacks.samples import image_grid as image_grid
+from diffinject.callbacks.samples import log_image_grid as log_image_grid
+from diffinject.callbacks.synthetic_writer import SyntheticImageWriter as SyntheticImageWriter
+from diffinject.callbacks.topk import TopKWriter as TopKWriter

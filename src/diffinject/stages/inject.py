@@ -1,0 +1,236 @@
+"""Stage 3: DDIM inversion + h-space slerp content injection → the synthetic bias-conflicting images.
+
+Per batch of (content, style) pairs from `InjectionPairsDataModule`: invert the styles (η = 0, fp32),
+invert any content image not seen yet *once* (recording its h at every grid point, cached on the module in
+fp32 and reused for every later pair), then regenerate each style from its x_T with the content's h
+slerp-blended into the bottleneck on steps t ≥ t_edit (Asyrp asymmetric step, encoder once and the
+decoder for h and h̃ in one batch) and η = 1 on steps t ≤ t_boost with per-sample noise. The images
+come back at the dataset's size for `SyntheticImageWriter`. Math: DESIGN.md "Math"; functions in
+`diffinject.diffusion`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from diffinject.diffusion import (
+    PREPROCESS_RULE,
+    Injection,
+    box_mask,
+    check_split_supported,
+    ddim_generate,
+    ddim_invert,
+    ddim_timesteps,
+    from_model_space,
+    linear_alphas_cumprod,
+    to_model_space,
+)
+from diffinject.nets.unet import INFO_FILENAME, load_unet_export
+
+
+def diffusion_stage_hint(unet_dir: Path) -> str:
+    """The command that writes a UNet export; dataset guessed from runs/{dataset}/{pct}/diffusion/unet."""
+    parts = unet_dir.parts
+    dataset = parts[-4] if len(parts) >= 4 and parts[-2] == "diffusion" else "<dataset>"
+    return f"diffinject fit --config configs/{dataset}/diffusion.yaml"
+
+
+def validate_injection_settings(
+    num_train_timesteps: int, steps: int, gamma: float, t_edit: int, t_boost: int
+) -> None:
+    """The knobs' ranges (DESIGN.md): γ ∈ [0, 1], 0 ≤ t_boost ≤ t_edit ≤ T, S divides T."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1] (0: style unchanged, 1: full content), got {gamma}")
+    if not 0 <= t_boost <= t_edit <= num_train_timesteps:
+        raise ValueError(
+            f"need 0 <= t_boost <= t_edit <= T={num_train_timesteps}, got t_boost={t_boost}, t_edit={t_edit}"
+        )
+    if steps < 1 or num_train_timesteps % steps != 0:
+        raise ValueError(f"steps={steps} must divide T={num_train_timesteps} (e.g. 50 or 100 for T=1000)")
+
+
+class InjectionPredictModule(LightningModule):
+    """Predict-only module: (content, style) pairs in, synthetic images (uint8, dataset size) out.
+
+    Args:
+        unet: folder of the diffusion stage's export (`save_pretrained` + diffusion_info.json).
+        steps: DDIM steps S for inversion and generation (must divide T).
+        gamma: slerp weight γ (0: style unchanged, 1: full content h).
+        t_edit: inject on generation steps with t ≥ t_edit.
+        t_boost: stochastic (η = 1) steps for t ≤ t_boost.
+        mask_box: local mode, (top, left, bottom, right) of the h map in relative coordinates; None = global.
+        autocast: run the UNet in bf16 autocast during generation (CUDA only; state stays fp32).
+        autocast_inversion: also during the inversions (DESIGN.md asks fp32 inversion; off by default).
+        shared_encoder: encoder + mid once and the decoder for h and h̃ in one batch (False: two full UNet
+            passes with an h-space hook, the reference scheme; same result, slower).
+        cache_content: invert each content image once and reuse its h (False: re-invert per pair, reference).
+        channels_last: channels-last memory format for the UNet (faster convolutions on recent GPUs).
+    """
+
+    def __init__(
+        self,
+        unet: str,
+        steps: int = 50,
+        gamma: float = 0.7,
+        t_edit: int = 400,
+        t_boost: int = 200,
+        mask_box: tuple[float, float, float, float] | None = None,
+        autocast: bool = False,
+        autocast_inversion: bool = False,
+        shared_encoder: bool = True,
+        cache_content: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        unet_dir = Path(unet)
+        if not (unet_dir / "config.json").is_file() or not (unet_dir / INFO_FILENAME).is_file():
+            raise FileNotFoundError(
+                f"UNet export {unet_dir} not found (expected config.json and {INFO_FILENAME}): the diffusion "
+                f"stage writes it, run `{diffusion_stage_hint(unet_dir)}` first"
+            )
+        self.info: dict[str, Any] = json.loads((unet_dir / INFO_FILENAME).read_text())
+        num_train_timesteps = int(self.info.get("num_train_timesteps", 1000))
+        validate_injection_settings(num_train_timesteps, steps, gamma, t_edit, t_boost)
+        if self.info.get("preprocess", PREPROCESS_RULE) != PREPROCESS_RULE:
+            raise ValueError(
+                f"{unet_dir / INFO_FILENAME}: preprocess {self.info.get('preprocess')!r} is not the rule "
+                f"this code implements ({PREPROCESS_RULE!r})"
+            )
+        if self.info.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"{unet_dir}: only ε-prediction UNets are supported, got {self.info['prediction_type']!r}"
+            )
+        model, _ = load_unet_export(unet_dir)
+        self.unet = model.eval().requires_grad_(False)
+        if shared_encoder:
+            check_split_supported(self.unet)
+        if mask_box is not None:
+            box_mask(8, 8, mask_box)  # validate now, build at the h map's real size later
+        abar = linear_alphas_cumprod(
+            num_train_timesteps,
+            float(self.info.get("beta_start", 1e-4)),
+            float(self.info.get("beta_end", 0.02)),
+        )
+        self.register_buffer("alphas_cumprod", abar, persistent=False)  # float64: ddim reads Python floats
+        self.timesteps = ddim_timesteps(num_train_timesteps, steps)
+        self.model_size = int(self.unet.config.sample_size)
+        # content cache: trajectories [P, S, C, h, w] (fp32) + content dataset index → row in it
+        self._h_pool: Tensor | None = None
+        self._h_slot: dict[int, int] = {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        channels = getattr(datamodule, "channels", None)
+        if channels is not None and int(channels) != int(self.unet.config.in_channels):
+            raise ValueError(
+                f"the UNet in {self.hparams.unet} takes {self.unet.config.in_channels} channels but the data "
+                f"module's images have {channels}"
+            )
+        trained_size = self.info.get("image_size")
+        data_size = getattr(datamodule, "image_size", None)
+        if trained_size is not None and data_size is not None and int(trained_size) != int(data_size):
+            rank_zero_warn(
+                f"the UNet in {self.hparams.unet} was trained on {trained_size} px images but the data "
+                f"module serves {data_size} px (resampled to the UNet's {self.model_size} px and back)"
+            )
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------------------------------------- math
+    def _autocast(self, enabled: bool) -> torch.autocast:
+        # Always an explicit context: a trainer-level bf16 autocast must not leak into the fp32 parts.
+        on = enabled and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    def _invert(self, x0: Tensor, record_h: bool) -> Any:
+        with self._autocast(self.hparams.autocast_inversion):
+            return ddim_invert(
+                self.unet, x0, self.alphas_cumprod, self.timesteps, record_h=record_h,
+                shared_encoder=self.hparams.shared_encoder,
+            )  # fmt: skip
+
+    def content_h(self, content_ids: list[int], content_images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(h, slots) for `Injection`: the cached pool [P, S, C, h, w] and each sample's slot in it.
+
+        Each content image is inverted once, the first time a batch needs it; its h trajectory is kept in
+        fp32 on the module's device for every later pair. With `cache_content=False` every pair's content
+        is re-inverted (the reference scheme) and h is per sample (slots None).
+        """
+        if not self.hparams.cache_content:
+            h = self._invert(to_model_space(content_images, self.model_size), record_h=True).h
+            assert h is not None
+            return h, None
+        first_position: dict[int, int] = {}
+        for position, cid in enumerate(content_ids):
+            if cid not in self._h_slot and cid not in first_position:
+                first_position[cid] = position
+        if first_position:
+            new_ids = list(first_position)
+            images = content_images[[first_position[c] for c in new_ids]]
+            h = self._invert(to_model_space(images, self.model_size), record_h=True).h
+            assert h is not None
+            start = 0 if self._h_pool is None else self._h_pool.shape[0]
+            self._h_pool = h if self._h_pool is None else torch.cat([self._h_pool, h.to(self._h_pool.device)])
+            self._h_slot.update({cid: start + j for j, cid in enumerate(new_ids)})
+        assert self._h_pool is not None
+        slots = torch.tensor([self._h_slot[c] for c in content_ids], device=self._h_pool.device)
+        return self._h_pool, slots
+
+    def _noise_fn(self, seeds: list[int], shape: tuple[int, ...]) -> Any:
+        """Per-sample CPU generators: sample b's noise depends on its own seed only, never on the batch."""
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+        def noise(step_index: int) -> Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+
+        return noise
+
+    def inject(self, batch: dict[str, Any]) -> Tensor:
+        """Synthetic images of a batch, in [0, 1] at the dataset's size (B×C×H×W, float32)."""
+        hp = self.hparams
+        style_images, content_images = batch["style_image"].float(), batch["content_image"].float()
+        orig_size = style_images.shape[-1]
+        content_ids = [int(c) for c in batch["content_index"]]
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            h_content, slots = self.content_h(content_ids, content_images)
+            latent = self._invert(to_model_space(style_images, self.model_size), record_h=False).latent
+            mask = None
+            if hp.mask_box is not None:
+                mask = box_mask(h_content.shape[-2], h_content.shape[-1], hp.mask_box).to(self.device)
+            injection = Injection(h_content, gamma=hp.gamma, t_edit=hp.t_edit, mask=mask, slots=slots)
+            noise = self._noise_fn([int(s) for s in batch["noise_seed"]], tuple(latent.shape[1:]))
+            with self._autocast(hp.autocast):
+                x = ddim_generate(
+                    self.unet, latent, self.alphas_cumprod, self.timesteps, t_boost=hp.t_boost, noise=noise,
+                    injection=injection, shared_encoder=hp.shared_encoder,
+                )  # fmt: skip
+        return from_model_space(x.float(), orig_size)
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        images = self.inject(batch)
+        return {
+            "index": batch["index"].cpu(),
+            "images": (images * 255.0).round().to(torch.uint8).cpu(),
+        }
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return self.inject(batch)
+
+    def on_predict_start(self) -> None:
+        self.unet.eval()
+        if self._h_pool is not None:
+            self._h_pool = self._h_pool.to(self.device)
+
+    def clear_content_cache(self) -> None:
+        self._h_pool, self._h_slot = None, {}

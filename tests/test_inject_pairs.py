@@ -1,0 +1,75 @@
+"""Pair building for the injection stage: pools, per-sample seeding, top-K file handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffinject.data.pairs import (
+    ALIGNED_GUESS_MAX_LOSS,
+    Scores,
+    plan_pairs,
+    read_scores,
+    select_content_pool,
+    select_style_pool,
+)
+
+
+def _scores(losses: list[float], labels: list[int]) -> Scores:
+    n = len(losses)
+    return Scores(np.arange(n), np.array(labels), np.array(losses, dtype=float), Path("topk.csv"))
+
+
+def test_content_pool_per_class_and_global() -> None:
+    scores = _scores([0.1, 5.0, 3.0, 0.2, 4.0, 4.0], [0, 0, 0, 1, 1, 1])
+    assert select_content_pool(scores, 2, "per_class").tolist() == [1, 2, 4, 5]
+    assert select_content_pool(scores, 1, "per_class").tolist() == [1, 4]  # tie 4.0/4.0 → lower index
+    assert select_content_pool(scores, 3, "global").tolist() == [1, 4, 5]
+    with pytest.raises(ValueError, match="fewer than K=4"):
+        select_content_pool(scores, 4, "per_class")
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        select_content_pool(scores, 0, "per_class")
+
+
+def test_style_pools() -> None:
+    scores = _scores([0.1, 5.0, 0.5, 0.9, 0.01], [0, 0, 1, 1, 1])
+    pool = np.array([1])
+    assert select_style_pool(5, pool, "all", None).tolist() == [0, 1, 2, 3, 4]
+    assert select_style_pool(5, pool, "rest", None).tolist() == [0, 2, 3, 4]
+    # aligned guess: outside the pool and CE < ln 2 (p_y > 1/2)
+    assert 0.5 < ALIGNED_GUESS_MAX_LOSS < 0.9
+    assert select_style_pool(5, pool, "aligned_guess", scores).tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="topk_scores.csv"):
+        select_style_pool(5, pool, "aligned_guess", None)
+
+
+def test_plan_is_per_sample_deterministic() -> None:
+    content, style = np.arange(10, 20), np.arange(100, 200)
+    short = plan_pairs(5, content, style, seed=3)
+    long = plan_pairs(50, content, style, seed=3)
+    # sample i does not depend on how many samples there are (nor on batches or devices)
+    assert np.array_equal(short.content, long.content[:5]) and np.array_equal(short.style, long.style[:5])
+    assert np.array_equal(short.noise_seed, long.noise_seed[:5])
+    other = plan_pairs(50, content, style, seed=4)
+    assert not np.array_equal(long.style, other.style)
+    assert set(long.content) <= set(content) and set(long.style) <= set(style)
+    assert len(set(long.content.tolist())) > 5  # drawn with replacement over the whole pool
+    with pytest.raises(ValueError, match="cannot pair"):
+        plan_pairs(3, np.array([], dtype=int), style, seed=0)
+
+
+def test_read_scores_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "topk.csv"
+    bad.write_text("index,label\n1,2\n")
+    with pytest.raises(ValueError, match="lacks column"):
+        read_scores(bad)
+    bad.write_text("index,label,loss\n1,2,x\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_scores(bad)
+    bad.write_text("index,label,loss\n1,2,0.5\n1,2,0.7\n")
+    with pytest.raises(ValueError, match="twice"):
+        read_scores(bad)
+    with pytest.raises(FileNotFoundError, match=r"configs/cmnist/topk\.yaml"):
+        read_scores(tmp_path / "runs/cmnist/1pct/bias/topk.csv")
