@@ -1,0 +1,137 @@
+"""The run report: Vanilla, LfF and DiffInject side by side, with what explains the numbers.
+
+Reads a run root `R = runs/{dataset}/{pct}` (per-seed `metrics.json`, top-K summaries, injection manifests,
+`timings.json`, every stage's `pipeline_config.yaml`) and writes `R/report/`: `results.json`,
+`results.md` (compact table first), `accuracy.png` (grouped bars, std error bars) and `samples.png`
+(style / content / synthetic). Accuracies are mean ± sample std (ddof = 1) over seeds. A stage that was not
+run shows "–"; an unreadable input raises an error naming the file.
+
+    python -m diffinject.report runs/cmnist/1pct [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffinject import report_synthetic as rs
+from diffinject.report_inputs import (
+    METHODS,
+    collect_configs,
+    collect_method,
+    collect_timings,
+    collect_topk,
+    discover_seeds,
+)
+from diffinject.report_render import accuracy_figure, compact_table, markdown
+
+
+def json_safe(node: Any) -> Any:
+    """NaN/inf → null, so results.json stays strict JSON (an empty test group gives NaN)."""
+    if isinstance(node, dict):
+        return {str(key): json_safe(value) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [json_safe(value) for value in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unbiased_column(root: Path, seeds: Sequence[int]) -> tuple[str, str]:
+    """Which column is the dataset's unbiased accuracy (the data module says; BFFHQ: conflicting)."""
+    located = next(
+        (f for f in (rs.find_data_config(root, s) for s in seeds) if f), None
+    ) or rs.find_data_config(root, None)
+    subset = "all"
+    if located is not None:
+        try:
+            data_class = rs.resolve_class(located[1]["class_path"])
+        except (ImportError, ValueError) as error:
+            raise ValueError(f"{located[0]}: {error}") from error
+        subset = getattr(data_class, "unbiased_test_subset", "all")
+    elif root.parent.name == "bffhq":
+        subset = "conflicting"
+    if subset == "conflicting":
+        return "conflicting", "dataset convention: accuracy on the bias-conflicting test images"
+    return "overall", "the whole bias-balanced test set"
+
+
+def write_report(
+    root: str | Path, seeds: Sequence[int] | None = None, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Write `{root}/report/` (results.json, results.md, accuracy.png, samples.png); print the table."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run root {root} does not exist (expected runs/<dataset>/<pct>)")
+    seeds = list(seeds) if seeds is not None else discover_seeds(root)
+    report_dir = root / "report"
+    column, note = unbiased_column(root, seeds)
+    results: dict[str, Any] = {
+        "root": str(root),
+        "dataset": root.parent.name,
+        "pct": root.name,
+        "seeds": seeds,
+        "std": "sample (ddof=1)",
+        "unbiased_column": column,
+        "unbiased_note": note,
+        "methods": {stage: {"name": name, **collect_method(root, stage, seeds)} for stage, name in METHODS},
+        "selection": "checkpoint with the best accuracy on the (biased) validation split",
+        "topk": collect_topk(root, seeds),
+        "timings": collect_timings(root, seeds, timings),
+        "configs": collect_configs(root, seeds),
+        "notes": [],
+    }
+    # The biased validation split tends to pick an early epoch; the last epoch's test is reported beside it.
+    for stage, name in METHODS:
+        last = collect_method(root, f"{stage}/last_epoch", seeds)
+        if last["n"]:
+            results["methods"][f"{stage}/last_epoch"] = {"name": f"{name}, last epoch", **last}
+    synthetic, sample = rs.collect_synthetic(root, seeds, report_dir)
+    figures: dict[str, str | None] = {"accuracy": None, "samples": None}
+    if sample is not None and len(sample[0]):
+        figures["samples"] = str(rs.samples_figure(report_dir / "samples.png", *sample))
+    else:
+        results["notes"].append("samples.png not written: no synthetic images (inject stage not run)")
+    results["synthetic"] = synthetic
+    accuracy = accuracy_figure(report_dir / "accuracy.png", results)
+    figures["accuracy"] = str(accuracy) if accuracy else None
+    if accuracy is None:
+        results["notes"].append("accuracy.png not written: no method has test metrics yet")
+    missing = [name for stage, name in METHODS if results["methods"][stage]["n"] == 0]
+    if missing:
+        results["notes"].append(f"not run (shown as –): {', '.join(missing)}")
+    results["figures"] = figures
+    _write_atomic(
+        report_dir / "results.json",
+        json.dumps(json_safe(results), indent=2, default=str, allow_nan=False) + "\n",
+    )
+    _write_atomic(report_dir / "results.md", markdown(results))
+    print(compact_table(results), flush=True)
+    for line in (synthetic or {}).get("notes", []) + results["notes"]:
+        print(f"[report] note: {line}", flush=True)
+    print(f"[report] wrote {report_dir}/results.md, results.json and figures", flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m diffinject.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="run root, e.g. runs/cmnist/1pct")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed* folder")
+    args = parser.parse_args(argv)
+    return write_report(args.root, seeds=args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""What the report reads: per-seed metrics and top-K summaries, wall times, the configs each stage ran.
+
+Every reader fails with an error naming the file. Config files: `pipeline_config.yaml` (what `make pipeline`
+resolved and ran) or, for runs made without the pipeline, Lightning's own `config.yaml` in the stage folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffinject.seeds import mean_std
+
+#: (stage folder, name in the report); the last row is the biased reference, not a competing method.
+METHODS = (("vanilla", "Vanilla"), ("lff", "LfF"), ("debias", "DiffInject"), ("bias", "GCE bias (reference)"))
+COMPARED = ("vanilla", "lff", "debias")
+COLUMNS = (
+    ("test/acc", "overall"),
+    ("test/acc_aligned", "aligned"),
+    ("test/acc_conflicting", "conflicting"),
+    ("test/acc_worst_group", "worst-group"),
+)
+EXTRA_KEYS = ("test/acc_group_mean", "val/acc")
+
+CONFIG_NAMES = ("pipeline_config.yaml", "config.yaml")
+#: (section, init-arg or trainer key) per stage, in the order the report lists them
+KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
+    "vanilla": (("model", "arch"), ("model", "lr"), ("trainer", "max_epochs")),
+    "lff": (
+        ("model", "arch"),
+        ("model", "lr"),
+        ("model", "q"),
+        ("model", "alpha"),
+        ("trainer", "max_epochs"),
+    ),
+    "bias": (("model", "arch"), ("model", "lr"), ("model", "q"), ("trainer", "max_epochs")),
+    "topk": (("topk", "k"), ("topk", "per_class")),
+    "diffusion": (
+        ("model", "unet_preset"),
+        ("trainer", "max_steps"),
+        ("model", "p2_gamma"),
+        ("model", "p2_k"),
+        ("model", "lr"),
+    ),
+    "inject": (
+        ("model", "gamma"),
+        ("model", "t_edit"),
+        ("model", "t_boost"),
+        ("model", "steps"),
+        ("data", "ratio"),
+        ("data", "k"),
+        ("data", "k_source"),
+        ("data", "style_pool"),
+        ("data", "label_from"),
+        ("model", "mask_box"),
+    ),
+    "debias": (("model", "loss"), ("model", "q"), ("model", "lr"), ("trainer", "max_epochs")),
+}
+#: stage → sections whose every other scalar init arg is listed too (variants add their options there)
+ALL_ARGS: dict[str, tuple[str, ...]] = {"inject": ("model", "data"), "debias": ("model",)}
+IGNORED_ARGS = ("seed", "num_workers", "batch_size", "autocast", "autocast_inversion", "channels_last")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the stage that writes it") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def stage_config_path(folder: Path) -> Path | None:
+    return next((folder / n for n in CONFIG_NAMES if (folder / n).is_file()), None)
+
+
+def parse_step_key(key: str) -> tuple[int | None, str]:
+    """'seed0/bias' or 'seed0/bias/fit' → (0, 'bias'); 'diffusion' → (None, 'diffusion')."""
+    parts = key.split("/")
+    if parts[0].startswith("seed") and parts[0][4:].isdigit() and len(parts) > 1:
+        return int(parts[0][4:]), parts[1]
+    return None, parts[0]
+
+
+def collect_timings(root: Path, seeds: Sequence[int], timings: dict[str, float] | None) -> dict[str, Any]:
+    """Wall seconds per stage (summed over the requested seeds and sub-steps) and in total."""
+    path = root / "timings.json"
+    raw = dict(timings) if timings is not None else (read_json(path) if path.is_file() else {})
+    per_stage: dict[str, dict[str, Any]] = {}
+    for key, seconds in sorted(raw.items()):
+        if not isinstance(seconds, int | float):
+            raise ValueError(f"{path}: {key!r} must be a number of seconds, got {seconds!r}")
+        seed, stage = parse_step_key(key)
+        if seed is not None and seed not in seeds:
+            continue
+        entry = per_stage.setdefault(stage, {"total_s": 0.0, "per_seed": {}})
+        entry["total_s"] += float(seconds)
+        if seed is not None:
+            entry["per_seed"][f"seed{seed}"] = entry["per_seed"].get(f"seed{seed}", 0.0) + float(seconds)
+    return {
+        "per_stage": per_stage,
+        "total_s": sum(e["total_s"] for e in per_stage.values()),
+        "steps": raw,
+    }
+
+
+def _short(class_path: Any) -> Any:
+    return class_path.rpartition(".")[2] if isinstance(class_path, str) else class_path
+
+
+def _is_knob(value: Any) -> bool:
+    if isinstance(value, str):
+        return "/" not in value  # paths are not knobs; the config file is listed anyway
+    if isinstance(value, list):
+        return all(isinstance(v, int | float) for v in value)
+    return value is None or isinstance(value, bool | int | float)
+
+
+def knobs_of(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The key settings of one stage config (class name first), plus any other scalar init arg for
+    inject/debias so variant options show up without a code change."""
+    sections = {
+        "model": (config.get("model") or {}).get("init_args") or {},
+        "data": (config.get("data") or {}).get("init_args") or {},
+        "trainer": config.get("trainer") or {},
+        "topk": {},
+    }
+    for callback in sections["trainer"].get("callbacks") or []:
+        if isinstance(callback, dict) and _short(callback.get("class_path")) == "TopKWriter":
+            sections["topk"] = callback.get("init_args") or {}
+    knobs: dict[str, Any] = {"class": _short((config.get("model") or {}).get("class_path"))}
+    for section, key in KEY_KNOBS.get(stage, ()):
+        if key in sections[section]:
+            knobs[key] = sections[section][key]
+    for section in ALL_ARGS.get(stage, ()):
+        for key, value in sections[section].items():
+            if key not in knobs and key not in IGNORED_ARGS and _is_knob(value):
+                knobs[key] = value
+    return knobs
+
+
+def _differing_keys(knob_sets: Sequence[dict[str, Any]]) -> list[str]:
+    first = knob_sets[0]
+    keys = {key for other in knob_sets[1:] for key in set(first) | set(other)}
+    return sorted(key for key in keys if any(first.get(key) != other.get(key) for other in knob_sets[1:]))
+
+
+def collect_configs(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every config file of the run and each stage's key knobs (from the first seed; differences flagged)."""
+    folders: dict[str, list[Path]] = {"diffusion": [root / "diffusion"]}
+    for stage in ("vanilla", "lff", "bias", "inject", "debias"):
+        folders[stage] = [root / f"seed{s}" / stage for s in seeds]
+    folders["topk"] = [root / f"seed{s}" / "bias" / "topk" for s in seeds]
+    files: list[str] = []
+    knobs: dict[str, dict[str, Any]] = {}
+    for stage in ("vanilla", "lff", "bias", "topk", "diffusion", "inject", "debias"):
+        per_folder = []
+        for folder in folders[stage]:
+            path = stage_config_path(folder)
+            if path is not None:
+                files.append(str(path))
+                per_folder.append(knobs_of(stage, read_yaml(path)))
+        if per_folder:
+            first = dict(per_folder[0])
+            differs = _differing_keys(per_folder)
+            if differs:
+                first["differs_across_seeds"] = differs
+            knobs[stage] = first
+    return {"files": files, "knobs": knobs}
+
+
+def discover_seeds(root: Path) -> list[int]:
+    return sorted(int(p.name[4:]) for p in root.glob("seed*") if p.is_dir() and p.name[4:].isdigit())
+
+
+def _check_metrics(path: Path, payload: dict[str, Any]) -> None:
+    for split in ("test", "val"):
+        block = payload.get(split)
+        if split == "test" and not isinstance(block, dict):
+            raise ValueError(f"{path}: expected a 'test' mapping of metrics (the test stage writes it)")
+        for key, value in (block or {}).items():
+            if value is not None and not isinstance(value, int | float):
+                raise ValueError(f"{path}: {split}.{key} must be a number or null, got {value!r}")
+
+
+def collect_method(root: Path, stage: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """mean ± std of the test metrics and the selected checkpoint's biased val accuracy over seeds."""
+    found: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        path = root / f"seed{seed}" / stage / "metrics.json"
+        if path.is_file():
+            found[seed] = read_json(path)
+            _check_metrics(path, found[seed])
+    entry: dict[str, Any] = {
+        "n": len(found),
+        "seeds": sorted(found),
+        "missing_seeds": [s for s in seeds if s not in found],
+    }
+    for key in (*(k for k, _ in COLUMNS), *EXTRA_KEYS):
+        split = key.split("/")[0]
+        entry[key] = mean_std([(m.get(split) or {}).get(key) for m in found.values()]) if found else None
+    entry["checkpoint_epoch"] = {s: m.get("checkpoint_epoch") for s, m in found.items()}
+    if stage == "debias" and found:
+        entry["num_train_synthetic"] = {s: m.get("num_train_synthetic") for s, m in found.items()}
+    return entry
+
+
+def collect_topk(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
+    summaries = {}
+    for seed in seeds:
+        path = root / f"seed{seed}" / "bias" / "topk_summary.json"
+        if path.is_file():
+            summaries[seed] = read_json(path)
+    if not summaries:
+        return None
+    first = next(iter(summaries.values()))
+    result: dict[str, Any] = {"n": len(summaries), "k": first.get("k"), "per_class": first.get("per_class")}
+    for key in ("precision", "recall", "max_precision", "num_selected"):
+        values = [s.get(key) for s in summaries.values()]
+        result[key] = mean_std(values) if any(v is not None for v in values) else None
+    return result
+
+
+def numeric_leaves(node: Any, prefix: str = "") -> dict[str, float]:
+    if isinstance(node, dict):
+        out: dict[str, float] = {}
+        for key, value in node.items():
+            out.update(numeric_leaves(value, f"{prefix}{key}."))
+        return out
+    if isinstance(node, int | float) and not isinstance(node, bool):
+        return {prefix[:-1]: float(node)}
+    return {}

@@ -1,0 +1,202 @@
+"""How the report looks: the compact table, results.md and the accuracy bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffinject.report_inputs import COLUMNS, COMPARED, METHODS, numeric_leaves
+
+STD_NOTE = "mean ± sample std (ddof = 1) over seeds"
+
+
+def pct(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    if stat.get("n", 0) < 2:
+        return f"{100 * stat['mean']:.{digits}f}"
+    return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
+
+
+def compact_table(results: dict[str, Any]) -> str:
+    """Methods × accuracy columns in %, the unbiased column starred, plus the top-K/synthetic one-liners."""
+    unbiased = results["unbiased_column"]
+    header = ["method", "seeds"] + [f"{label} ★" if label == unbiased else label for _, label in COLUMNS]
+    header.append("val acc (biased)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in results["methods"].values():
+        cells = [entry["name"], str(entry["n"])] + [pct(entry.get(key)) for key, _ in COLUMNS]
+        lines.append("| " + " | ".join([*cells, pct(entry.get("val/acc"))]) + " |")
+    lines.append("")
+    lines.append(f"★ unbiased accuracy ({results['unbiased_note']}). Test accuracy in %, {STD_NOTE}.")
+    topk = results.get("topk")
+    if topk and topk.get("precision"):
+        scope = "per class" if topk.get("per_class") else "global"
+        lines.append(
+            f"Top-K precision (K={topk['k']} {scope}, fraction bias-conflicting): {pct(topk['precision'])} %"
+        )
+    synthetic = results.get("synthetic")
+    if synthetic:
+        summary = synthetic["summary"]
+        size = summary.get("size", {}).get("mean")
+        text = f"Synthetic set: {size:.0f} images per seed" if size is not None else "Synthetic set"
+        if summary.get("colour.conflict_rate"):
+            text += f"; measured conflict rate (colour ≠ label): {pct(summary['colour.conflict_rate'])} %"
+            if summary.get("shape.shape_is_label"):
+                text += f"; keeps the label's shape: {pct(summary['shape.shape_is_label'])} %"
+        elif summary.get("nominal.nominal_conflict_rate"):
+            text += f"; nominal conflict rate: {pct(summary['nominal.nominal_conflict_rate'])} %"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def _is_rate(key: str) -> bool:
+    return not any(word in key for word in ("size", "distinct", "effective", "num_", "mse"))
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _count(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _stat_rows(
+    summary: dict[str, Any], per_seed: dict[int, dict[str, Any]], keys: Sequence[tuple[str, str]]
+) -> list[str]:
+    seeds = sorted(per_seed)
+    lines = ["| measure | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+    lines.append("|" + "---|" * (2 + len(seeds)))
+    for key, label in keys:
+        stat = summary.get(key)
+        if not stat or stat.get("mean") is None:
+            continue
+        show = _rate if _is_rate(key) else _count
+        values = [numeric_leaves(per_seed[s]).get(key) for s in seeds]
+        spread = f"{show(stat['mean'])} ± {show(stat['std'])}" if stat["n"] > 1 else show(stat["mean"])
+        lines.append(f"| {label} | {spread} | " + " | ".join(show(v) for v in values) + " |")
+    return lines
+
+
+SYNTHETIC_ROWS = (
+    ("size", "images"),
+    ("colour.conflict_rate", "**measured conflict rate** (estimated colour ≠ label)"),
+    ("colour.colour_is_content_colour", "colour = content's colour (content_bias)"),
+    ("colour.colour_is_style_colour", "colour = style's colour (style_bias)"),
+    ("colour.off_palette", "colour off the palette (farther than half the closest palette gap)"),
+    ("colour.num_without_foreground", "images without foreground"),
+    ("shape.shape_is_label", "shape probe reads the label"),
+    ("shape.shape_is_content_label", "shape probe reads the content's label"),
+    ("shape.shape_is_style_label", "shape probe reads the style's label"),
+    ("nominal.nominal_conflict_rate", "nominal conflict rate (manifest bias labels, not measured)"),
+    ("nominal.content_is_conflicting", "content image truly conflicting (top-K hit)"),
+    ("distinct_contents", "distinct contents"),
+    ("effective_contents", "effective number of contents (exp entropy)"),
+    ("distinct_styles", "distinct styles"),
+    ("pixels.mse_to_content", "pixel MSE to content"),
+    ("pixels.mse_to_style", "pixel MSE to style"),
+    ("pixels.closer_to_content", "closer to content than to style (pixel MSE)"),
+)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    parts = [f"# DiffInject report: {results['dataset']} {results['pct']}", "", compact_table(results)]
+    parts += [
+        "## Methods in detail",
+        "",
+        "| method | seeds present | missing | group-mean | checkpoint epochs |",
+    ]
+    parts.append("|---|---|---|---|---|")
+    for e in results["methods"].values():
+        name = e["name"]
+        epochs = ", ".join(f"{s}: {v}" for s, v in e["checkpoint_epoch"].items()) or "–"
+        parts.append(
+            f"| {name} | {e['seeds'] or '–'} | {e['missing_seeds'] or '–'} | "
+            f"{pct(e.get('test/acc_group_mean'))} | {epochs} |"
+        )
+    topk = results.get("topk")
+    parts += ["", "## Top-K selection (bias stage)", ""]
+    if topk:
+        parts.append(
+            f"K = {topk['k']} ({'per class' if topk['per_class'] else 'global'}), {topk['n']} seed(s): "
+            f"precision {pct(topk['precision'])} %, recall {pct(topk['recall'])} %, best possible "
+            f"precision {pct(topk['max_precision'])} % (bias labels used for reporting only)."
+        )
+    else:
+        parts.append("– (no `bias/topk_summary.json`)")
+    parts += ["", "## Synthetic set", ""]
+    synthetic = results.get("synthetic")
+    if synthetic:
+        parts += _stat_rows(synthetic["summary"], synthetic["per_seed"], SYNTHETIC_ROWS)
+        probe = synthetic.get("probe")
+        if probe:
+            parts += [
+                "",
+                f"Shape probe: MLP (hidden {probe['hidden']}) on colour-free training images, task "
+                f"labels only; test accuracy {100 * probe['test_acc']:.1f} % on {probe['num_test']} test "
+                f"images (train {100 * probe['train_acc']:.1f} %).",
+            ]
+        parts += [f"- {note}" for note in synthetic["notes"]]
+    else:
+        parts.append("– (no `inject/manifest.csv`: the injection stage was not run)")
+    parts += ["", "## Wall time", "", "| stage | seconds | per seed |", "|---|---|---|"]
+    for stage, entry in results["timings"]["per_stage"].items():
+        per = ", ".join(f"{k}: {v:.0f}" for k, v in entry["per_seed"].items())
+        parts.append(f"| {stage} | {entry['total_s']:.0f} | {per or '–'} |")
+    parts += [f"| **total** | {results['timings']['total_s']:.0f} | |", "", "## Configs", ""]
+    for stage, knobs in results["configs"]["knobs"].items():
+        shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in knobs.items() if k != "differs_across_seeds")
+        parts.append(f"- **{stage}**: {shown}")
+        if knobs.get("differs_across_seeds"):
+            parts.append(f"  (differs across seeds: {', '.join(knobs['differs_across_seeds'])})")
+    parts += ["", "Config files:", *[f"- `{p}`" for p in results["configs"]["files"]]]
+    if results["notes"]:
+        parts += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def percent_of(stat: dict[str, Any] | None, name: str, missing: float) -> float:
+    """100 × stat[name] in percent; `missing` when absent (a 0.0 accuracy stays 0, not missing)."""
+    value = (stat or {}).get(name)
+    return missing if value is None else 100 * float(value)
+
+
+def accuracy_figure(path: Path, results: dict[str, Any]) -> Path | None:
+    """Grouped bars: accuracy columns × compared methods, error bars = sample std over seeds."""
+    present = [(s, n) for s, n in METHODS if s in COMPARED and results["methods"][s]["n"] > 0]
+    if not present:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch
+
+    x = np.arange(len(COLUMNS))
+    width = 0.8 / len(present)
+    fig = Figure(figsize=(7.5, 4))
+    ax = fig.subplots()
+    for i, (stage, name) in enumerate(present):
+        entry = results["methods"][stage]
+        means = [percent_of(entry.get(k), "mean", math.nan) for k, _ in COLUMNS]
+        stds = [percent_of(entry.get(k), "std", 0.0) for k, _ in COLUMNS]
+        ax.bar(
+            x + (i - (len(present) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=f"{name} (n={entry['n']})",
+        )
+    ax.set_xticks(x, [f"{label} ★" if label == results["unbiased_column"] else label for _, label in COLUMNS])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{results['dataset']} {results['pct']}: {STD_NOTE}; ★ unbiased", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
