@@ -82,3 +82,17 @@ report: $(STAMP) ## Rebuild runs/$(DATASET)/$(PCT)/report from what is there
 .PHONY: tensorboard
 tensorboard: $(STAMP) ## Serve TensorBoard on every stage under runs/ (PORT=6006)
 	$(BIN)/tensorboard --logdir $(RUNS) --port $(or $(PORT),6006) --bind_all
+
+STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
+
+.PHONY: study
+study: $(STAMP) ## Ablation table: the base pipeline, then one run per configs/$(DATASET)/study/*.yaml (STUDY_VARIANTS=...)
+	$(PIPELINE)
+	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.study --dataset $(DATASET) --pct $(PCT) \
+		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) $(STUDY_VARIANTS)
+
+.PHONY: bench
+bench: $(STAMP) ## CPU benchmarks (JSON): data loading, diffusion training, injection
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/diffusion_train.py --device cpu --preset cmnist-small --batch-size 64 --steps 10
+	$(BIN)/python benchmarks/injection.py --device cpu --preset cmnist-small --steps 50 --num-pairs 32

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from diffinject.cli import main
-from diffinject.seeds import aggregate, markdown_table, stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -174,37 +173,3 @@ def test_debias_corrupt_image_fails_clearly(tmp_path: Path) -> None:
                 "--data.init_args.batch_size", "4000",
             ]
         )  # fmt: skip
-
-
-def test_seed_commands_and_aggregate(tmp_path: Path) -> None:
-    commands = stage_commands(tmp_path, "cmnist", "bias", 3, extra=["--data.init_args.source", "embedded"])
-    assert [name for name, _, _ in commands] == ["fit", "test", "test_last", "topk"]
-    test_last = commands[2][1]
-    assert test_last[test_last.index("--ckpt_path") + 1] == str(tmp_path / "seed3/bias/checkpoints/last.ckpt")
-    assert commands[2][2] == tmp_path / "seed3" / "bias" / "last_epoch" / "metrics.json"
-    fit = commands[0][1]
-    assert fit[fit.index("--seed_everything") + 1] == "3"
-    assert fit[fit.index("--trainer.default_root_dir") + 1] == str(tmp_path / "seed3" / "bias")
-    topk = commands[3][1]
-    assert topk[topk.index("--model.init_args.weights") + 1] == str(
-        tmp_path / "seed3/bias/checkpoints/best.ckpt"
-    )
-
-    for seed, acc in ((0, 0.4), (1, 0.5), (2, 0.6)):
-        run = tmp_path / f"seed{seed}" / "vanilla"
-        run.mkdir(parents=True)
-        test = {"test/acc": acc, "test/acc_conflicting": acc - 0.1, "test/acc_worst_group": None}
-        (run / "metrics.json").write_text(json.dumps({"test": test, "val": {"val/acc": 0.9, "epoch": 3}}))
-    (tmp_path / "seed0" / "vanilla" / "last_epoch").mkdir()
-    (tmp_path / "seed0" / "vanilla" / "last_epoch" / "metrics.json").write_text(
-        json.dumps({"test": {"test/acc": 0.7}})
-    )
-    result = aggregate(tmp_path, ["vanilla"])
-    last = result["stages"]["vanilla (last epoch)"]
-    assert last["seeds"] == [0] and last["missing_seeds"] == [1, 2] and last["test/acc"]["mean"] == 0.7
-    entry = result["stages"]["vanilla"]
-    assert entry["test/acc"]["mean"] == pytest.approx(0.5) and entry["test/acc"]["std"] == pytest.approx(0.1)
-    assert entry["test/acc_worst_group"]["n"] == 0 and entry["val/acc"]["std"] == 0.0
-    assert "| vanilla | 3 | 50.00 ± 10.00 |" in markdown_table(result)
-    with pytest.raises(FileNotFoundError, match="no metrics.json for stage 'lff'"):
-        aggregate(tmp_path, ["lff"])

@@ -54,7 +54,13 @@ def pct_to_ratio(pct: str) -> float:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
-    """`override` into a copy of `base`; dicts merge key by key, anything else (lists too) is replaced."""
+    """`override` into a copy of `base`; dicts merge key by key, anything else (lists too) is replaced.
+
+    A section naming another `class_path` replaces the base section whole: the other class's init args
+    would not fit (e.g. a variant training the debiased model with `LfFClassifier`).
+    """
+    if "class_path" in (override or {}) and override.get("class_path") != base.get("class_path"):
+        return copy.deepcopy(override)
     merged = copy.deepcopy(base)
     for key, value in (override or {}).items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

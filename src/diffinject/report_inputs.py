@@ -7,13 +7,12 @@ resolved and ran) or, for runs made without the pipeline, Lightning's own `confi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from diffinject.seeds import mean_std
 
 #: (stage folder, name in the report); the last row is the biased reference, not a competing method.
 METHODS = (("vanilla", "Vanilla"), ("lff", "LfF"), ("debias", "DiffInject"), ("bias", "GCE bias (reference)"))
@@ -63,6 +62,16 @@ KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
 #: stage → sections whose every other scalar init arg is listed too (variants add their options there)
 ALL_ARGS: dict[str, tuple[str, ...]] = {"inject": ("model", "data"), "debias": ("model",)}
 IGNORED_ARGS = ("seed", "num_workers", "batch_size", "autocast", "autocast_inversion", "channels_last")
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value) of the non-missing values."""
+    clean = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not clean:
+        return {"mean": None, "std": None, "n": 0, "values": list(values)}
+    mean = sum(clean) / len(clean)
+    var = sum((v - mean) ** 2 for v in clean) / (len(clean) - 1) if len(clean) > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "n": len(clean), "values": list(values)}
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from diffinject import analysis
-from diffinject.report_inputs import CONFIG_NAMES, numeric_leaves, read_yaml, stage_config_path
-from diffinject.seeds import mean_std
+from diffinject.report_inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
 
 #: data init args that do not change which images the splits hold
 NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image")

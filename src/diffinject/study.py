@@ -1,0 +1,152 @@
+"""`make study`: the ablation table — one pipeline run per variant file, sharing unchanged upstream stages.
+
+A variant is a YAML file with per-stage overrides (the shape of a profile file), e.g.
+`configs/cmnist/study/gamma03.yaml`. Each variant runs under `{runs}/study/{variant}/{dataset}/{pct}`;
+the stages it does not override are linked from the base run (`{runs}/{dataset}/{pct}`, which
+`make pipeline` builds), so a variant that only changes the injection reruns only inject → debias. The
+table (`{runs}/study/{dataset}-{pct}.md|json`) has one row per variant: its overrides, the accuracies
+(mean ± std over seeds), top-K precision and the synthetic set's measured conflict rate.
+
+    python -m diffinject.study --dataset cmnist --pct 1pct --seeds 0 1 2 configs/cmnist/study/*.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffinject import pipeline
+from diffinject.pipeline import load_yaml
+from diffinject.report import write_report
+
+#: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
+DOWNSTREAM = {
+    "bias": ("bias", "inject", "debias"),
+    "topk": ("bias", "inject", "debias"),
+    "diffusion": ("diffusion", "inject", "debias"),
+    "inject": ("inject", "debias"),
+    "debias": ("debias",),
+    "vanilla": ("vanilla",),
+    "lff": ("lff",),
+}
+
+
+def stages_to_run(variant: dict[str, Any]) -> list[str]:
+    """The stages a variant rebuilds: each overridden stage and everything downstream of it."""
+    run: set[str] = set()
+    for stage, override in variant.items():
+        if stage not in DOWNSTREAM:
+            raise ValueError(f"variant section {stage!r}: expected stages {', '.join(DOWNSTREAM)}")
+        if override:
+            run.update(DOWNSTREAM[stage])
+    return [s for s in pipeline.ALL_STAGES if s in run]
+
+
+def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[str]) -> None:
+    """Symlink the base run's stage folders the variant does not rebuild (absolute targets)."""
+    pairs = [] if "diffusion" in running else [(base / "diffusion", root / "diffusion")]
+    for seed in seeds:
+        for stage in ("vanilla", "lff", "bias", "inject", "debias"):
+            if stage not in running:
+                pairs.append((base / f"seed{seed}" / stage, root / f"seed{seed}" / stage))
+    for target, link in pairs:
+        if not target.exists():
+            raise FileNotFoundError(f"{target} is missing: run `make pipeline` for the base run first")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            continue
+        os.symlink(target.resolve(), link, target_is_directory=True)
+
+
+def describe(node: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Flatten overrides into `stage.section.key=value` strings for the table (`init_args` left out)."""
+    if not isinstance(node, dict):
+        return [f"{'.'.join(path)}={node}"]
+    items: list[str] = []
+    for key, value in node.items():
+        items += describe(value, path if key == "init_args" else (*path, str(key)))
+    return items
+
+
+def row_of(name: str, variant: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    synthetic = (results.get("synthetic") or {}).get("summary", {})
+    return {
+        "variant": name,
+        "overrides": describe(variant) or ["(defaults)"],
+        "methods": {stage: results["methods"].get(stage) for stage in results["methods"]},
+        "topk_precision": (results.get("topk") or {}).get("precision"),
+        "synthetic_conflict_rate": synthetic.get("colour.conflict_rate"),
+        "synthetic_shape_is_label": synthetic.get("shape.shape_is_label"),
+    }
+
+
+def _pct(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{100 * stat['mean']:.1f} ± {100 * (stat.get('std') or 0):.1f}"
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per variant; accuracies of the debias stage (best-val checkpoint and last epoch) in %."""
+    header = [
+        "variant", "overrides", "DiffInject overall", "conflicting", "overall, last epoch",
+        "top-K precision", "synthetic conflict rate", "synthetic shape = label",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        debias = row["methods"].get("debias") or {}
+        last = row["methods"].get("debias/last_epoch") or {}
+        cells = [
+            row["variant"], "<br>".join(row["overrides"]), _pct(debias.get("test/acc")),
+            _pct(debias.get("test/acc_conflicting")), _pct(last.get("test/acc")), _pct(row["topk_precision"]),
+            _pct(row["synthetic_conflict_rate"]), _pct(row["synthetic_shape_is_label"]),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m diffinject.study", description=description)
+    parser.add_argument("variants", nargs="+", help="variant YAML files")
+    parser.add_argument("--dataset", default="cmnist")
+    parser.add_argument("--pct", default="1pct")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--trainer", default="cpu")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+    base = Path(args.runs) / args.dataset / args.pct
+    rows = []
+    for file in args.variants:
+        name = Path(file).stem
+        variant = load_yaml(Path(file))
+        running = stages_to_run(variant)
+        study_runs = Path(args.runs) / "study" / name
+        root = study_runs / args.dataset / args.pct
+        link_shared(base, root, args.seeds, running)
+        print(f"[study] {name}: stages {' '.join(running)}", flush=True)
+        common = ["--dataset", args.dataset, "--pct", args.pct, "--profile", args.profile]
+        common += ["--trainer", args.trainer, "--runs", str(study_runs), "--variant", file]
+        common += ["--seeds", *map(str, args.seeds), "--stages", *running]
+        if args.jobs is not None:
+            common += ["--jobs", str(args.jobs)]
+        if running:
+            pipeline.main(common)
+        else:  # no override: the base run itself, reported from its links
+            write_report(root, seeds=args.seeds)
+        results = json.loads((root / "report" / "results.json").read_text())
+        rows.append(row_of(name, variant, results))
+    out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(table(rows))
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
