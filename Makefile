@@ -89,7 +89,7 @@ STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
 study: $(STAMP) ## Ablation table: the base pipeline, then one run per configs/$(DATASET)/study/*.yaml (STUDY_VARIANTS=...)
 	$(PIPELINE)
 	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.study --dataset $(DATASET) --pct $(PCT) \
-		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) $(STUDY_VARIANTS)
+		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) -- $(STUDY_VARIANTS)
 
 .PHONY: bench
 bench: $(STAMP) ## CPU benchmarks (JSON): data loading, diffusion training, injection

@@ -241,6 +241,8 @@ def plan(opts: Options) -> list[Step]:
             ]
             upstream = [f"seed{seed}/bias", "diffusion"]
             steps.append(Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream))
+    # Every inject before any debias: a worker waiting on an upstream step holds its slot.
+    for seed in opts.seeds:
         if "debias" in opts.stages:
             steps.append(fit_test("debias", seed, [f"seed{seed}/inject"]))
     return steps

@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base = Path(args.runs) / args.dataset / args.pct
     rows = []
+    out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for file in args.variants:
         name = Path(file).stem
         variant = load_yaml(Path(file))
@@ -142,9 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_report(root, seeds=args.seeds)
         results = json.loads((root / "report" / "results.json").read_text())
         rows.append(row_of(name, variant, results))
-    out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(table(rows))
+        # Rewritten after every variant, so a long study shows its table as it goes.
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(table(rows))
     print(table(rows), flush=True)
 
 
