@@ -9,6 +9,7 @@ side by side (`jobs` > 1, for several CPU cores); a step waits for its upstream 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ import yaml
 
 CONFIG_NAME = "pipeline_config.yaml"
 MARKER_NAME = ".pipeline_done.json"
+#: seconds between progress lines of a step whose output goes to its log
+HEARTBEAT_S = 60
 
 
 @dataclass
@@ -161,11 +164,28 @@ class Runner:
             with log.open("a") as handle:
                 handle.write(f"$ {line}\n")
                 handle.flush()
-                result = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT)
+                result = self.wait_with_heartbeat(
+                    step, subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT), log
+                )
             log_note = f"; last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-25:])
         if result.returncode != 0:
             self.say(step, f"FAILED (exit {result.returncode}): {line}{log_note}")
             raise StepFailed(f"{step.key}: `{line}` exited with {result.returncode}")
+
+    def wait_with_heartbeat(
+        self, step: Step, process: subprocess.Popen, log: Path
+    ) -> subprocess.CompletedProcess:
+        """Wait for a logged command, printing its latest progress-bar line every `HEARTBEAT_S` seconds."""
+        started = time.perf_counter()
+        while True:
+            try:
+                code = process.wait(timeout=HEARTBEAT_S)
+                return subprocess.CompletedProcess(process.args, code)
+            except subprocess.TimeoutExpired:
+                tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
+                lines = [t.strip() for t in re.split(r"[\r\n]", tail) if t.strip()]
+                latest = lines[-1][:150] if lines else ""
+                self.say(step, f"running for {time.perf_counter() - started:.0f} s | {latest}")
 
 
 def run_steps(
