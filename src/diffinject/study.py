@@ -122,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=None)
     args = parser.parse_args(argv)
     base = Path(args.runs) / args.dataset / args.pct
-    rows = []
     out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Rows of earlier invocations stay; a variant run again replaces its own row.
+    rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
     for file in args.variants:
         name = Path(file).stem
         variant = load_yaml(Path(file))
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:  # no override: the base run itself, reported from its links
             write_report(root, seeds=args.seeds)
         results = json.loads((root / "report" / "results.json").read_text())
-        rows.append(row_of(name, variant, results))
+        rows = [row for row in rows if row["variant"] != name] + [row_of(name, variant, results)]
         # Rewritten after every variant, so a long study shows its table as it goes.
         out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         out.with_suffix(".md").write_text(table(rows))
