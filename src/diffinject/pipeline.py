@@ -159,8 +159,9 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
     section: dict[str, Any] = {}
     if profile_file.is_file():
         section = dict(load_yaml(profile_file).get(name) or {})
-    # A profile may swap the base file of a stage (e.g. the paper-size diffusion config) with `_template`.
-    base = Path(section.pop("_template")) if "_template" in section else configs / f"{name}.yaml"
+    # A profile may swap the base file of a stage (e.g. the paper-size diffusion config) with `_template`,
+    # a file name in configs/<dataset>/
+    base = configs / (section.pop("_template") if "_template" in section else f"{name}.yaml")
     config = deep_merge(load_yaml(base), section)
     if not profile_file.is_file() and opts.profile != "quick":
         raise FileNotFoundError(
