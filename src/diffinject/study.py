@@ -66,6 +66,9 @@ def describe(node: Any, path: tuple[str, ...] = ()) -> list[str]:
     """Flatten overrides into `stage.section.key=value` strings for the table (`init_args` left out)."""
     if not isinstance(node, dict):
         return [f"{'.'.join(path)}={node}"]
+    if "class_path" in node:  # a swapped class: one entry, `Class(arg=value, ...)`
+        args = ", ".join(f"{k}={v}" for k, v in (node.get("init_args") or {}).items())
+        return [f"{'.'.join(path)}={node['class_path']}({args})"]
     items: list[str] = []
     for key, value in node.items():
         items += describe(value, path if key == "init_args" else (*path, str(key)))
