@@ -28,6 +28,8 @@ CONFIG_NAME = "pipeline_config.yaml"
 MARKER_NAME = ".pipeline_done.json"
 #: seconds between progress lines of a step whose output goes to its log
 HEARTBEAT_S = 60
+#: a progress-bar line (tqdm / rich) in a step's log
+PROGRESS = re.compile(r"\d+%\||it/s|s/it|\d+/\d+ ")
 
 
 @dataclass
@@ -183,9 +185,9 @@ class Runner:
                 return subprocess.CompletedProcess(process.args, code)
             except subprocess.TimeoutExpired:
                 tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
-                lines = [t.strip() for t in re.split(r"[\r\n]", tail) if t.strip()]
-                latest = lines[-1][:150] if lines else ""
-                self.say(step, f"running for {time.perf_counter() - started:.0f} s | {latest}")
+                bars = [t.strip() for t in re.split(r"[\r\n]", tail) if PROGRESS.search(t)]
+                latest = f" | {bars[-1][:150]}" if bars else f" (output: {log})"
+                self.say(step, f"running for {time.perf_counter() - started:.0f} s{latest}")
 
 
 def run_steps(
