@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from diffinject.cli import main
@@ -114,12 +115,22 @@ def write_manifest(
     return folder / "manifest.csv"
 
 
+def plain_ce_debias_config(tmp_path: Path) -> Path:
+    """configs/cmnist/debias.yaml with the paper's plain-CE DebiasClassifier (CMNIST defaults to LfF)."""
+    config = yaml.safe_load((CONFIGS / "cmnist" / "debias.yaml").read_text())
+    init = {k: v for k, v in config["model"]["init_args"].items() if k not in ("q", "alpha")}
+    config["model"] = {"class_path": "DebiasClassifier", "init_args": {**init, "loss": "ce"}}
+    path = tmp_path / "debias_ce.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_debias_trains_on_original_plus_manifest(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "inject")
     run = tmp_path / "debias"
     cli = main(
         [
-            "fit", "--config", str(CONFIGS / "cmnist" / "debias.yaml"), *tiny(run, tmp_path / "data"),
+            "fit", "--config", str(plain_ce_debias_config(tmp_path)), *tiny(run, tmp_path / "data"),
             "--data.init_args.synthetic_manifest", str(manifest),
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
             "--trainer.limit_val_batches", "1",
