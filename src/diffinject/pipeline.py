@@ -183,7 +183,7 @@ def plan(opts: Options) -> list[Step]:
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}: expected some of {', '.join(ALL_STAGES)}")
     root = opts.root
-    trainer = [*["--trainer", str(Path(opts.configs) / "trainer" / f"{opts.trainer}.yaml")]]
+    trainer = ["--trainer", str(Path(opts.configs) / "trainer" / f"{opts.trainer}.yaml")]
     if opts.devices is not None:
         trainer += ["--trainer.devices", str(opts.devices)]
     steps: list[Step] = []

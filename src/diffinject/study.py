@@ -80,7 +80,7 @@ def row_of(name: str, variant: dict[str, Any], results: dict[str, Any]) -> dict[
     return {
         "variant": name,
         "overrides": describe(variant) or ["(defaults)"],
-        "methods": {stage: results["methods"].get(stage) for stage in results["methods"]},
+        "methods": dict(results["methods"]),
         "topk_precision": (results.get("topk") or {}).get("precision"),
         "synthetic_conflict_rate": synthetic.get("colour.conflict_rate"),
         "synthetic_shape_is_label": synthetic.get("shape.shape_is_label"),
