@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", required=True)
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM grid size S (inversion and generation)")
+    parser.add_argument("--every", type=int, nargs="+", default=[1], help="inject on every k-th step")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     parser.add_argument("--t-edits", type=int, nargs="+", default=[400])
     parser.add_argument("--t-boosts", type=int, nargs="+", default=[200])
@@ -71,7 +72,8 @@ def main() -> None:
         x_s = to_model_space(images[style], size)
         inv_c = ddim_invert(unet, x_c, abar, grid, record_h=True)
         inv_s = ddim_invert(unet, x_s, abar, grid)
-    for gamma, t_edit, t_boost in itertools.product(args.gammas, args.t_edits, args.t_boosts):
+    settings = itertools.product(args.gammas, args.t_edits, args.t_boosts, args.every)
+    for gamma, t_edit, t_boost, every in settings:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
@@ -82,7 +84,7 @@ def main() -> None:
                 grid,
                 t_boost=t_boost,
                 generator=generator,
-                injection=Injection(inv_c.h, gamma, t_edit),
+                injection=Injection(inv_c.h, gamma, t_edit, every=every),
             )
         synthetic = from_model_space(out, images.shape[-1]).clamp(0, 1).numpy()
         colour = analysis.estimate_colour_classes(synthetic)
@@ -93,6 +95,8 @@ def main() -> None:
             "gamma": gamma,
             "t_edit": t_edit,
             "t_boost": t_boost,
+            "steps": args.steps,
+            "every": every,
             "shape=content": float(c_shape.mean()),
             "shape=style": float(s_shape.mean()),
             "colour=content": float(c_col.mean()),

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffinject.losses import gce_loss
 from diffinject.nets import build_classifier
 from diffinject.stages import BiasClassifier, DebiasClassifier, VanillaClassifier
-from diffinject.stages.classifiers import check_data_compatibility
+from diffinject.stages.classifiers import check_data_compatibility, load_classifier_checkpoint
 
 ARGS = {"arch": "mlp", "num_classes": 3, "in_channels": 3, "image_size": 6}
 
@@ -273,3 +273,36 @@ def test_debias_counts_synthetic_items_and_requires_them(tmp_path: Path) -> None
         tiny_trainer(tmp_path).fit(DebiasClassifier(**ARGS), datamodule=TinyBiasedDataModule())
     with pytest.raises(ValueError, match="'ce' or 'gce'"):
         DebiasClassifier(**ARGS, loss="focal")
+
+
+def test_selection_with_the_bias_model_monitors_pseudo_balanced_accuracy(tmp_path: Path) -> None:
+    data = TinyBiasedDataModule()
+    bias_dir = tmp_path / "bias"
+    tiny_trainer(bias_dir, max_epochs=2).fit(BiasClassifier(**ARGS, lr=1e-2), datamodule=data)
+    bias_ckpt = str(bias_dir / "checkpoints" / "best.ckpt")
+
+    model = VanillaClassifier(**ARGS, lr=1e-2, selection_bias=bias_ckpt)
+    assert model.monitor == "val/acc_pseudo_balanced" and VanillaClassifier(**ARGS).monitor == "val/acc"
+    trainer = tiny_trainer(tmp_path / "vanilla", max_epochs=3)
+    trainer.fit(model, datamodule=data)
+    assert trainer.checkpoint_callback.monitor == "val/acc_pseudo_balanced"
+    best = torch.load(tmp_path / "vanilla" / "checkpoints" / "best.ckpt", weights_only=True)
+    saved = best["diffinject"]["val"]
+    best_score = float(trainer.checkpoint_callback.best_model_score)
+    assert saved["val/acc_pseudo_balanced"] == pytest.approx(best_score)
+    assert all(key.startswith("net.") for key in best["state_dict"])  # the bias model is not saved along
+
+    # the score is the mean accuracy over "bias model right / wrong" on the validation split
+    bias_net = load_classifier_checkpoint(bias_ckpt, {})[0].eval()
+    selected = VanillaClassifier(**ARGS)
+    selected.load_state_dict(best["state_dict"])
+    images, labels = data.val_dataset.images, data.val_dataset.labels
+    with torch.no_grad():
+        right = selected.eval()(images).argmax(1) == labels
+        agree = bias_net(images).argmax(1) == labels
+    groups = [right[agree].float().mean()] + ([right[~agree].float().mean()] if (~agree).any() else [])
+    assert saved["val/acc_pseudo_balanced"] == pytest.approx(float(sum(groups) / len(groups)))
+
+    missing = VanillaClassifier(**ARGS, selection_bias=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt not found"):
+        tiny_trainer(tmp_path / "missing").fit(missing, datamodule=data)

@@ -161,3 +161,25 @@ def test_grid_and_shape_validation(trained_unet: UNet2DModel, images: torch.Tens
     bad = Injection(torch.zeros(1, 5, 32, 8, 8), gamma=0.5, t_edit=400)
     with pytest.raises(ValueError, match="h_content must be"):
         ddim_generate(trained_unet, images[:1], ABAR, grid, injection=bad)
+
+
+def test_sparse_injection_applies_on_every_kth_step_from_the_noisiest() -> None:
+    h = torch.zeros(1, 10, 1, 1, 1)
+    sparse = Injection(h, gamma=0.5, t_edit=400, every=3)
+    grid = [int(t) for t in ddim_timesteps(1000, 10)]  # 0, 100, …, 900; generation runs i = 9 … 0
+    injected = [t for i, t in enumerate(grid) if sparse.applies(i, t, len(grid))]
+    assert injected == [600, 900]  # i = 9 and 6 (t >= 400); i = 3 has t = 300 < t_edit
+    dense = Injection(h, gamma=0.5, t_edit=400)
+    assert [t for i, t in enumerate(grid) if dense.applies(i, t, len(grid))] == [400, 500, 600, 700, 800, 900]
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        Injection(h, gamma=0.5, t_edit=400, every=0)
+
+
+def test_sparse_injection_changes_less_than_dense(trained_unet: UNet2DModel, images: torch.Tensor) -> None:
+    grid = ddim_timesteps(1000, 20)
+    latent = ddim_invert(trained_unet, images[:3], ABAR, grid).latent
+    plain = ddim_generate(trained_unet, latent, ABAR, grid)
+    h = _content_h(trained_unet, images[3:6], grid)
+    dense = ddim_generate(trained_unet, latent, ABAR, grid, injection=Injection(h, 0.7, 400))
+    sparse = ddim_generate(trained_unet, latent, ABAR, grid, injection=Injection(h, 0.7, 400, every=4))
+    assert 1e-6 < _mse(sparse, plain) < _mse(dense, plain)

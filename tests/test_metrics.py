@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffinject.metrics import GroupedAccuracy, to_floats
+from diffinject.metrics import GroupedAccuracy, PseudoGroupAccuracy, to_floats
 
 
 def test_grouped_accuracy_matches_a_hand_count() -> None:
@@ -56,3 +56,19 @@ def test_bad_inputs_name_the_values() -> None:
         metric.update(torch.tensor([0]), torch.tensor([3]), torch.tensor([0]))
     with pytest.raises(ValueError, match="shape mismatch"):
         metric.update(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]))
+
+
+def test_pseudo_group_accuracy_balances_bias_model_right_and_wrong() -> None:
+    metric = PseudoGroupAccuracy()
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    bias_preds = torch.tensor([0, 1, 2, 0, 2, 0])  # right on the first four, wrong on the last two
+    preds = torch.tensor([0, 1, 2, 1, 1, 0])  # 3/4 where the bias model is right, 1/2 where it is wrong
+    metric.update(preds, target, bias_preds)
+    assert float(metric.compute()) == pytest.approx((0.75 + 0.5) / 2)
+    metric.reset()
+    metric.update(torch.eye(3)[[0, 1]], torch.tensor([0, 2]), torch.tensor([0, 2]))  # logits; one group only
+    assert float(metric.compute()) == pytest.approx(0.5)
+    metric.reset()
+    assert math.isnan(float(metric.compute()))
+    with pytest.raises(ValueError, match="bias_preds"):
+        metric.update(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0]))

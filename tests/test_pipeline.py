@@ -101,3 +101,17 @@ def test_smoke_pipeline_end_to_end_and_resume(
     assert after[root / "seed0/debias/metrics.json"] > before[root / "seed0/debias/metrics.json"]
     assert (root / "diffusion/unet/config.json").stat().st_mtime == unet_time
     assert (root / "seed0/inject/manifest.csv").is_file()
+
+
+def test_selection_with_the_bias_model_waits_for_the_bias_stage(tmp_path: Path) -> None:
+    steps = plan(Options(seeds=[0], runs=str(tmp_path), configs=str(REPO / "configs")))
+    by_key = {s.key: s for s in steps}
+    bias_ckpt = str(tmp_path / "cmnist" / "1pct" / "seed0" / "bias" / "checkpoints" / "best.ckpt")
+    for stage in ("vanilla", "lff", "debias"):
+        step = by_key[f"seed0/{stage}"]
+        assert step.config["model"]["init_args"]["selection_bias"] == bias_ckpt
+        assert "seed0/bias" in step.upstream
+    keys = list(by_key)
+    assert keys.index("seed0/bias") < keys.index("seed0/vanilla")
+    without_bias = plan(Options(seeds=[0], runs=str(tmp_path), configs=str(REPO / "configs"), stages=["lff"]))
+    assert [s.upstream for s in without_bias] == [[]]

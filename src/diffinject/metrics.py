@@ -85,3 +85,42 @@ def to_floats(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, fl
         number = float(value)
         out[f"{prefix}{key}"] = None if math.isnan(number) else number
     return out
+
+
+class PseudoGroupAccuracy(Metric):
+    """Validation accuracy balanced over groups a *biased model* defines: it agrees with the label or not.
+
+    Label-free model selection: on a biased validation split, plain accuracy rewards the shortcut (the
+    aligned majority), so it picks early, biased epochs. The GCE bias model is wrong mostly on
+    bias-conflicting images, so "bias model wrong" is an unsupervised stand-in for the conflicting group.
+    The score is the mean accuracy of the non-empty groups ("agree", "disagree"); NaN when none.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, bias_preds: torch.Tensor) -> None:
+        """`preds`, `bias_preds`: logits (N × C) or class ids (N) of the model and the bias model."""
+        if preds.ndim == 2:
+            preds = preds.argmax(dim=1)
+        if bias_preds.ndim == 2:
+            bias_preds = bias_preds.argmax(dim=1)
+        if not preds.shape == target.shape == bias_preds.shape:
+            raise ValueError(
+                f"shape mismatch: preds {preds.shape}, target {target.shape}, bias_preds {bias_preds.shape}"
+            )
+        group = F.one_hot((bias_preds != target).long(), 2)  # column 0: bias model right, 1: wrong
+        self.correct += (group * (preds == target).long()[:, None]).sum(0)
+        self.total += group.sum(0)
+
+    def compute(self) -> torch.Tensor:
+        nonempty = self.total > 0
+        if not nonempty.any():
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
+        return (self.correct[nonempty].double() / self.total[nonempty].double()).mean()

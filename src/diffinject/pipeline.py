@@ -1,7 +1,8 @@
 """`make pipeline`: every DiffInject stage through the `diffinject` CLI, resumable, one line per stage.
 
-Order: baselines (vanilla, LfF) → bias fit → top-K predict → diffusion fit → inject predict →
-debias fit/test → report. Per seed: vanilla, lff, bias (+ top-K), inject, debias under
+Order: bias fit → top-K predict → baselines (vanilla, LfF) → diffusion fit → inject predict →
+debias fit/test → report. A classifier stage whose config sets `selection_bias` (checkpoint selection with
+the bias model) waits for its seed's bias stage and is rebuilt when that changes. Per seed: vanilla, lff, bias (+ top-K), inject, debias under
 `{runs}/{dataset}/{pct}/seed{S}/`; the diffusion model is trained once per (dataset, pct) under
 `{runs}/{dataset}/{pct}/diffusion/` (it uses no labels and is by far the most expensive stage).
 
@@ -175,6 +176,12 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
     return config
 
 
+def selection_upstream(config: dict[str, Any], seed: int, stages: Sequence[str]) -> list[str]:
+    """The bias step a classifier stage waits for when it selects checkpoints with the bias model."""
+    selection = (config.get("model") or {}).get("init_args", {}).get("selection_bias")
+    return [f"seed{seed}/bias"] if selection and "bias" in stages else []
+
+
 def plan(opts: Options) -> list[Step]:
     """Every step in execution order (the report is run separately, after them)."""
     if opts.dataset not in DATASETS:
@@ -206,9 +213,6 @@ def plan(opts: Options) -> list[Step]:
         return Step(stage, seed, folder, commands, folder / "metrics.json", config, upstream)
 
     for seed in opts.seeds:
-        for stage in ("vanilla", "lff"):
-            if stage in opts.stages:
-                steps.append(fit_test(stage, seed, []))
         if "bias" in opts.stages:
             step = fit_test("bias", seed, [])
             topk_config = stage_config(opts, "bias", seed, template="topk")
@@ -219,6 +223,10 @@ def plan(opts: Options) -> list[Step]:
             step.config = {"fit": step.config, "topk": topk_config}
             step.artifact = step.folder / "topk.csv"
             steps.append(step)
+        for stage in ("vanilla", "lff"):
+            if stage in opts.stages:
+                config = stage_config(opts, stage, seed)
+                steps.append(fit_test(stage, seed, selection_upstream(config, seed, opts.stages)))
     if "diffusion" in opts.stages:
         folder = root / "diffusion"
         config = stage_config(opts, "diffusion", None)
@@ -245,7 +253,8 @@ def plan(opts: Options) -> list[Step]:
     # Every inject before any debias: a worker waiting on an upstream step holds its slot.
     for seed in opts.seeds:
         if "debias" in opts.stages:
-            steps.append(fit_test("debias", seed, [f"seed{seed}/inject"]))
+            upstream = selection_upstream(stage_config(opts, "debias", seed), seed, opts.stages)
+            steps.append(fit_test("debias", seed, [f"seed{seed}/inject", *upstream]))
     return steps
 
 

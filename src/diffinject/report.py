@@ -87,7 +87,7 @@ def write_report(
         "unbiased_column": column,
         "unbiased_note": note,
         "methods": {stage: {"name": name, **collect_method(root, stage, seeds)} for stage, name in METHODS},
-        "selection": "checkpoint with the best accuracy on the (biased) validation split",
+        "selection": "best.ckpt maximises each method's validation metric (column 'selected on'); never test",
         "topk": collect_topk(root, seeds),
         "timings": collect_timings(root, seeds, timings),
         "configs": collect_configs(root, seeds),

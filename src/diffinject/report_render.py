@@ -27,11 +27,12 @@ def compact_table(results: dict[str, Any]) -> str:
     """Methods × accuracy columns in %, the unbiased column starred, plus the top-K/synthetic one-liners."""
     unbiased = results["unbiased_column"]
     header = ["method", "seeds"] + [f"{label} ★" if label == unbiased else label for _, label in COLUMNS]
-    header.append("val acc (biased)")
+    header += ["val acc (biased)", "selected on"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in results["methods"].values():
         cells = [entry["name"], str(entry["n"])] + [pct(entry.get(key)) for key, _ in COLUMNS]
-        lines.append("| " + " | ".join([*cells, pct(entry.get("val/acc"))]) + " |")
+        chosen = "last epoch" if entry["name"].endswith("last epoch") else entry.get("selection") or "–"
+        lines.append("| " + " | ".join([*cells, pct(entry.get("val/acc")), chosen]) + " |")
     lines.append("")
     lines.append(f"★ unbiased accuracy ({results['unbiased_note']}). Test accuracy in %, {STD_NOTE}.")
     topk = results.get("topk")

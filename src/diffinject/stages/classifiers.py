@@ -1,8 +1,13 @@
 """Classifier stages: the GCE-biased f_B (with top-K scoring), Vanilla ERM and the debiased classifier.
 
 All share `ClassifierModule`: one network from `build_classifier`, Adam, grouped val/test accuracy, checkpoint
-selection on `val/acc` only (bias labels are read for reporting, never for training or selection), and a
+selection on validation only (bias labels are read for reporting, never for training or selection), and a
 `metrics.json` written into the run folder at test time. LfF lives in `stages/lff.py`.
+
+Selection: `val/acc` by default; with `selection_bias` (the bias stage's checkpoint)
+`val/acc_pseudo_balanced`, the mean validation accuracy over "the GCE bias model is right / wrong" (see
+`metrics.PseudoGroupAccuracy`): label-free, and it does not reward the shortcut the way accuracy on a
+biased split does.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from diffinject.losses import gce_loss
-from diffinject.metrics import METRIC_NAMES, GroupedAccuracy, to_floats
+from diffinject.metrics import METRIC_NAMES, GroupedAccuracy, PseudoGroupAccuracy, to_floats
 from diffinject.nets import build_classifier
 
 Batch = dict[str, torch.Tensor]
 CHECKPOINT_KEY = "diffinject"
+PSEUDO_BALANCED = "val/acc_pseudo_balanced"
 
 
 def checkpoint_dir(default_root_dir: str | os.PathLike[str]) -> Path:
@@ -52,6 +59,38 @@ def check_data_compatibility(hparams: Any, datamodule: Any) -> None:
         raise ValueError(f"model and data disagree ({name}): " + "; ".join(problems) + ". Fix the config.")
 
 
+def load_classifier_checkpoint(
+    path: str | os.PathLike[str], expect: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a classifier-stage checkpoint (`checkpoints/best.ckpt`) and its saved stage extras.
+
+    `expect` holds hyper-parameters that must match (e.g. num_classes); a mismatch names both values.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"classifier checkpoint {file} not found: run the bias fit stage first "
+            "(`diffinject fit --config configs/<dataset>/bias.yaml`), which writes checkpoints/best.ckpt"
+        )
+    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{file} is not a Lightning checkpoint (no 'state_dict')")
+    saved = checkpoint.get("hyper_parameters", {})
+    for key, value in expect.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"{file} was trained with {key}={saved[key]}, but this config has {value}")
+    net = build_classifier(
+        saved.get("arch", expect.get("arch")),
+        saved.get("num_classes", expect.get("num_classes")),
+        saved.get("in_channels", expect.get("in_channels")),
+        saved.get("image_size", expect.get("image_size")),
+        pretrained=False,
+    )
+    state = checkpoint["state_dict"]
+    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+    return net, dict(checkpoint.get(CHECKPOINT_KEY, {}))
+
+
 class ClassifierModule(LightningModule):
     """Shared classifier stage. Subclasses implement `training_loss(logits, batch) -> per-sample loss`.
 
@@ -61,6 +100,8 @@ class ClassifierModule(LightningModule):
         pretrained: ImageNet weights for resnet18 (must already be in the local torch hub cache).
         lr, weight_decay: Adam settings.
         num_bias_classes: number of bias values for the grouped metrics (default: num_classes).
+        selection_bias: a bias-stage checkpoint (`{bias}/checkpoints/best.ckpt`); when set, `best.ckpt` is
+            the epoch with the best `val/acc_pseudo_balanced` instead of `val/acc` (label-free either way).
     """
 
     def __init__(
@@ -73,6 +114,7 @@ class ClassifierModule(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         num_bias_classes: int | None = None,
+        selection_bias: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,14 +122,27 @@ class ClassifierModule(LightningModule):
         bias_classes = num_bias_classes or num_classes
         self.val_metrics = GroupedAccuracy(num_classes, bias_classes)
         self.test_metrics = GroupedAccuracy(num_classes, bias_classes)
+        self.val_pseudo = PseudoGroupAccuracy() if selection_bias else None
+        # A plain list keeps the selection model out of state_dict, the optimiser and DDP.
+        self._selection_net: list[nn.Module] = []
         self.val_summary: dict[str, float | None] = {}
         self.loaded_checkpoint: dict[str, Any] = {}
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric `best.ckpt` maximises."""
+        return PSEUDO_BALANCED if self.hparams.get("selection_bias") else "val/acc"
 
     # -- hooks shared by every stage -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             check_data_compatibility(self.hparams, datamodule)
+        path = self.hparams.get("selection_bias")
+        if path and stage in ("fit", "validate") and not self._selection_net:
+            net, _ = load_classifier_checkpoint(path, {"num_classes": self.hparams.num_classes})
+            self._selection_net.append(net.eval().requires_grad_(False))
+            rank_zero_info(f"{type(self).__name__}: selecting checkpoints on {PSEUDO_BALANCED} ({path})")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -96,7 +151,7 @@ class ClassifierModule(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def configure_callbacks(self) -> list[Callback]:
-        """`{default_root_dir}/checkpoints/best.ckpt` (best val/acc) and `last.ckpt` (every epoch).
+        """`{default_root_dir}/checkpoints/best.ckpt` (best `self.monitor`) and `last.ckpt` (every epoch).
 
         `last.ckpt` comes from its own callback: with `save_last=True`, Lightning 2.6 refreshes last.ckpt only
         when a top-k checkpoint is saved, so it would hold the best epoch, not the last one.
@@ -105,7 +160,7 @@ class ClassifierModule(LightningModule):
         best = ModelCheckpoint(
             dirpath=folder,
             filename="best",
-            monitor="val/acc",
+            monitor=self.monitor,
             mode="max",
             save_last=False,
             auto_insert_metric_name=False,
@@ -145,9 +200,17 @@ class ClassifierModule(LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
+        if self.val_pseudo is not None and self._selection_net:
+            bias_net = self._selection_net[0].to(self.device)
+            self.val_pseudo.update(self(batch["image"]), batch["label"], bias_net(batch["image"]))
 
     def on_validation_epoch_end(self) -> None:
         summary = self._eval_epoch_end(self.val_metrics, "val")
+        if self.val_pseudo is not None and self._selection_net:
+            value = self.val_pseudo.compute()
+            self.val_pseudo.reset()
+            self.log(PSEUDO_BALANCED, value.float(), sync_dist=True)
+            summary.update(to_floats({PSEUDO_BALANCED: value}))
         if not self.trainer.sanity_checking:
             self.val_summary = {**summary, "epoch": self.current_epoch, "step": self.global_step}
 
@@ -240,26 +303,12 @@ class BiasClassifier(ClassifierModule):
 
     def load_weights(self, path: str) -> None:
         """Load the network weights of a BiasClassifier checkpoint, checking that the architecture matches."""
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"BiasClassifier weights {file} not found: run the bias fit stage first "
-                "(`diffinject fit --config configs/<dataset>/bias.yaml`), which writes checkpoints/best.ckpt"
-            )
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"{file} is not a Lightning checkpoint (no 'state_dict')")
-        saved = checkpoint.get("hyper_parameters", {})
-        for key in ("arch", "num_classes", "in_channels", "image_size"):
-            if key in saved and saved[key] != self.hparams[key]:
-                raise ValueError(
-                    f"{file} was trained with {key}={saved[key]}, but this config has {self.hparams[key]}"
-                )
-        net_state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-        self.net.load_state_dict(net_state)
-        self.loaded_checkpoint = dict(checkpoint.get(CHECKPOINT_KEY, {}))
+        keys = ("arch", "num_classes", "in_channels", "image_size")
+        net, extras = load_classifier_checkpoint(path, {key: self.hparams[key] for key in keys})
+        self.net.load_state_dict(net.state_dict())
+        self.loaded_checkpoint = extras
         self._weights_loaded = True
-        rank_zero_info(f"BiasClassifier: loaded weights from {file}")
+        rank_zero_info(f"BiasClassifier: loaded weights from {path}")
 
     def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return gce_loss(logits, batch["label"], q=self.hparams.q)
@@ -295,6 +344,7 @@ class DebiasClassifier(ClassifierModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         num_bias_classes: int | None = None,
+        selection_bias: str | None = None,
         loss: str = "ce",
         q: float = 0.7,
         require_synthetic: bool = True,
@@ -302,7 +352,15 @@ class DebiasClassifier(ClassifierModule):
         if loss not in ("ce", "gce"):
             raise ValueError(f"DebiasClassifier loss must be 'ce' or 'gce', got {loss!r}")
         super().__init__(
-            arch, num_classes, in_channels, image_size, pretrained, lr, weight_decay, num_bias_classes
+            arch,
+            num_classes,
+            in_channels,
+            image_size,
+            pretrained,
+            lr,
+            weight_decay,
+            num_bias_classes,
+            selection_bias,
         )
         self.num_original: int | None = None
         self.num_synthetic: int | None = None

@@ -33,6 +33,7 @@ class LfFClassifier(ClassifierModule):
     """LfF baseline. Evaluation metrics and checkpoints are those of the debiased network f_D.
 
     Args:
+        selection_bias: see `ClassifierModule` (checkpoint selection on pseudo-group balanced accuracy).
         q: GCE exponent for f_B (0.7).
         alpha: EMA momentum of the per-sample losses (0.7).
     """
@@ -47,11 +48,20 @@ class LfFClassifier(ClassifierModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         num_bias_classes: int | None = None,
+        selection_bias: str | None = None,
         q: float = 0.7,
         alpha: float = 0.7,
     ) -> None:
         super().__init__(
-            arch, num_classes, in_channels, image_size, pretrained, lr, weight_decay, num_bias_classes
+            arch,
+            num_classes,
+            in_channels,
+            image_size,
+            pretrained,
+            lr,
+            weight_decay,
+            num_bias_classes,
+            selection_bias,
         )
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"LfF alpha must be in [0, 1), got {alpha}")
