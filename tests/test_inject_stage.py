@@ -214,6 +214,7 @@ def test_gamma_zero_is_plain_regeneration_and_label_rule(workdir: Path) -> None:
         ({"t_boost": 500, "t_edit": 400}, "t_boost <= t_edit"),
         ({"t_edit": 1200}, "t_edit <= T=1000"),
         ({"steps": 30}, "must divide T=1000"),
+        ({"inject_every": 0}, "inject_every must be >= 1"),
         ({"mask_box": (0.5, 0.5, 0.2, 0.9)}, "top < bottom"),
     ],
 )

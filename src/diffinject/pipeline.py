@@ -2,9 +2,10 @@
 
 Order: bias fit → top-K predict → baselines (vanilla, LfF) → diffusion fit → inject predict →
 debias fit/test → report. A classifier stage whose config sets `selection_bias` (checkpoint selection with
-the bias model) waits for its seed's bias stage and is rebuilt when that changes. Per seed: vanilla, lff, bias (+ top-K), inject, debias under
-`{runs}/{dataset}/{pct}/seed{S}/`; the diffusion model is trained once per (dataset, pct) under
-`{runs}/{dataset}/{pct}/diffusion/` (it uses no labels and is by far the most expensive stage).
+the bias model) waits for its seed's bias stage and is rebuilt when that changes. Per seed: vanilla, lff,
+bias (+ top-K), inject, debias under `{runs}/{dataset}/{pct}/seed{S}/`; the diffusion model is trained
+once per (dataset, pct) under `{runs}/{dataset}/{pct}/diffusion/` (it uses no labels and is by far the
+most expensive stage).
 
 Each stage's config is built from `configs/{dataset}/{stage}.yaml`, deep-merged with the profile's
 section (`configs/{dataset}/profiles/{profile}.yaml`, keyed by stage) and any `--variant` file (same

@@ -65,6 +65,8 @@ class InjectionPredictModule(LightningModule):
         gamma: slerp weight γ (0: style unchanged, 1: full content h).
         t_edit: inject on generation steps with t ≥ t_edit.
         t_boost: stochastic (η = 1) steps for t ≤ t_boost.
+        inject_every: inject only on every k-th generation step (from the noisiest) with t ≥ t_edit; the
+            plain steps between pull x back towards the data (the reference injects on ~30 of 1,000 steps).
         mask_box: local mode, (top, left, bottom, right) of the h map in relative coordinates; None = global.
         autocast: run the UNet in bf16 autocast during generation (CUDA only; state stays fp32).
         autocast_inversion: also during the inversions (DESIGN.md asks fp32 inversion; off by default).
@@ -81,6 +83,7 @@ class InjectionPredictModule(LightningModule):
         gamma: float = 0.7,
         t_edit: int = 400,
         t_boost: int = 200,
+        inject_every: int = 1,
         mask_box: tuple[float, float, float, float] | None = None,
         autocast: bool = False,
         autocast_inversion: bool = False,
@@ -99,6 +102,10 @@ class InjectionPredictModule(LightningModule):
         self.info: dict[str, Any] = json.loads((unet_dir / INFO_FILENAME).read_text())
         num_train_timesteps = int(self.info.get("num_train_timesteps", 1000))
         validate_injection_settings(num_train_timesteps, steps, gamma, t_edit, t_boost)
+        if inject_every < 1:
+            raise ValueError(
+                f"inject_every must be >= 1 (1: every step with t >= t_edit), got {inject_every}"
+            )
         if self.info.get("preprocess", PREPROCESS_RULE) != PREPROCESS_RULE:
             raise ValueError(
                 f"{unet_dir / INFO_FILENAME}: preprocess {self.info.get('preprocess')!r} is not the rule "
@@ -205,7 +212,9 @@ class InjectionPredictModule(LightningModule):
             mask = None
             if hp.mask_box is not None:
                 mask = box_mask(h_content.shape[-2], h_content.shape[-1], hp.mask_box).to(self.device)
-            injection = Injection(h_content, gamma=hp.gamma, t_edit=hp.t_edit, mask=mask, slots=slots)
+            injection = Injection(
+                h_content, gamma=hp.gamma, t_edit=hp.t_edit, mask=mask, slots=slots, every=hp.inject_every
+            )
             noise = self._noise_fn([int(s) for s in batch["noise_seed"]], tuple(latent.shape[1:]))
             with self._autocast(hp.autocast):
                 x = ddim_generate(
