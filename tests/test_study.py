@@ -36,6 +36,14 @@ def test_link_shared_links_only_what_the_variant_keeps(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="make pipeline"):
         link_shared(tmp_path / "missing", tmp_path / "other", [0], ["debias"])
 
+    # the variant file changed: it now overrides bias, and no longer inject
+    (root / "seed0" / "inject").mkdir()
+    (root / "seed0" / "inject" / "stale.png").write_text("from an earlier version of the variant")
+    link_shared(base, root, [0], ["bias", "debias"])
+    assert not (root / "seed0" / "bias").exists()  # the old link is gone: the stage gets its own folder
+    assert (root / "seed0" / "inject").resolve() == (base / "seed0" / "inject").resolve()
+    assert (base / "seed0" / "bias").is_dir()  # unlinking never touches the base run
+
 
 def test_table_rows() -> None:
     stat = {"mean": 0.5, "std": 0.1}

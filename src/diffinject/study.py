@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,29 @@ def stages_to_run(variant: dict[str, Any]) -> list[str]:
 
 
 def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[str]) -> None:
-    """Symlink the base run's stage folders the variant does not rebuild (absolute targets)."""
-    pairs = [] if "diffusion" in running else [(base / "diffusion", root / "diffusion")]
+    """Symlink the base run's stage folders the variant does not rebuild (absolute targets).
+
+    The folders follow the variant file as it is now: a stage it rebuilds loses an old link (it gets its own
+    folder), a stage it no longer overrides has its own folder from an earlier version replaced by the link.
+    """
+    folders = [("diffusion", base / "diffusion", root / "diffusion")]
     for seed in seeds:
         for stage in ("vanilla", "lff", "bias", "inject", "debias"):
-            if stage not in running:
-                pairs.append((base / f"seed{seed}" / stage, root / f"seed{seed}" / stage))
-    for target, link in pairs:
+            folders.append((stage, base / f"seed{seed}" / stage, root / f"seed{seed}" / stage))
+    for stage, target, link in folders:
+        if stage in running:
+            if link.is_symlink():
+                link.unlink()
+            continue
         if not target.exists():
             raise FileNotFoundError(f"{target} is missing: run `make pipeline` for the base run first")
         link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target.resolve():
             continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            shutil.rmtree(link)
         os.symlink(target.resolve(), link, target_is_directory=True)
 
 
