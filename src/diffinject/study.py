@@ -99,6 +99,12 @@ def row_of(name: str, variant: dict[str, Any], results: dict[str, Any]) -> dict[
     }
 
 
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """The stored table rows (re-read before each update, so concurrent studies keep each other's rows)."""
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def _pct(stat: dict[str, Any] | None) -> str:
     if not stat or stat.get("mean") is None:
         return "–"
@@ -139,8 +145,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = Path(args.runs) / args.dataset / args.pct
     out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Rows of earlier invocations stay; a variant run again replaces its own row.
-    rows = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
     for file in args.variants:
         name = Path(file).stem
         variant = load_yaml(Path(file))
@@ -159,11 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:  # no override: the base run itself, reported from its links
             write_report(root, seeds=args.seeds)
         results = json.loads((root / "report" / "results.json").read_text())
-        rows = [row for row in rows if row["variant"] != name] + [row_of(name, variant, results)]
+        # Rows of earlier (or concurrent) invocations stay; a variant run again replaces its own row.
+        rows = [row for row in read_rows(out) if row["variant"] != name] + [row_of(name, variant, results)]
         # Rewritten after every variant, so a long study shows its table as it goes.
         out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         out.with_suffix(".md").write_text(table(rows))
-    print(table(rows), flush=True)
+    print(table(read_rows(out)), flush=True)
 
 
 if __name__ == "__main__":
