@@ -16,7 +16,7 @@ from diffinject import analysis
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS, colorize
 from diffinject.report import json_safe, main, write_report
-from diffinject.report_inputs import collect_timings, knobs_of
+from diffinject.report_inputs import collect_method, collect_timings, knobs_of
 from diffinject.report_render import percent_of
 
 METRICS = {  # stage → per-seed (overall, aligned, conflicting, worst-group, val acc)
@@ -354,3 +354,15 @@ def test_json_safe_drops_nan_and_zero_bars_stay() -> None:
     assert percent_of({"mean": 0.0}, "mean", math.nan) == 0.0 and math.isnan(
         percent_of(None, "mean", math.nan)
     )
+
+
+def test_selection_rule_per_method_comes_from_the_stage_hparams(tmp_path: Path) -> None:
+    for seed, hparams in ((0, {"selection_bias": "bias/checkpoints/best.ckpt"}), (1, {})):
+        payload = {**metrics_payload("LfFClassifier", (0.5, 0.9, 0.4, 0.0, 0.8), seed), "hparams": hparams}
+        path = tmp_path / f"seed{seed}" / "lff" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(payload))
+    assert collect_method(tmp_path, "lff", [0])["selection"] == "val/acc_pseudo_balanced"
+    assert collect_method(tmp_path, "lff", [1])["selection"] == "val/acc"
+    # seeds selected differently are shown as such, not averaged silently under one name
+    assert collect_method(tmp_path, "lff", [0, 1])["selection"] == "val/acc / val/acc_pseudo_balanced"
