@@ -116,9 +116,13 @@ def write_manifest(
 
 
 def plain_ce_debias_config(tmp_path: Path) -> Path:
-    """configs/cmnist/debias.yaml with the paper's plain-CE DebiasClassifier (CMNIST defaults to LfF)."""
+    """configs/cmnist/debias.yaml with the paper's plain-CE DebiasClassifier (CMNIST defaults to LfF).
+
+    Selection on val/acc: the bias-model selection needs a trained bias stage (tested in test_classifiers).
+    """
     config = yaml.safe_load((CONFIGS / "cmnist" / "debias.yaml").read_text())
-    init = {k: v for k, v in config["model"]["init_args"].items() if k not in ("q", "alpha")}
+    dropped = ("q", "alpha", "selection_bias")
+    init = {k: v for k, v in config["model"]["init_args"].items() if k not in dropped}
     config["model"] = {"class_path": "DebiasClassifier", "init_args": {**init, "loss": "ce"}}
     path = tmp_path / "debias_ce.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -181,6 +185,19 @@ def test_debias_corrupt_image_fails_clearly(tmp_path: Path) -> None:
                 "fit", "--config", str(CONFIGS / "cmnist" / "debias.yaml"),
                 *tiny(tmp_path / "run", tmp_path / "d"),
                 "--data.init_args.synthetic_manifest", str(manifest), "--trainer.fast_dev_run", "true",
-                "--data.init_args.batch_size", "4000",
+                "--data.init_args.batch_size", "4000", "--model.init_args.selection_bias", "null",
+            ]
+        )  # fmt: skip
+
+
+def test_cmnist_selection_without_a_bias_stage_names_the_missing_checkpoint(tmp_path: Path) -> None:
+    expected = "bias/checkpoints/best.ckpt not found: run the bias fit stage"
+    with pytest.raises(FileNotFoundError, match=expected):
+        main(
+            [
+                "fit", "--config", str(CONFIGS / "cmnist" / "vanilla.yaml"),
+                *tiny(tmp_path / "run", tmp_path / "d"),
+                "--model.init_args.selection_bias", str(tmp_path / "bias" / "checkpoints" / "best.ckpt"),
+                "--trainer.fast_dev_run", "true",
             ]
         )  # fmt: skip
