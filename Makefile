@@ -86,7 +86,7 @@ tensorboard: $(STAMP) ## Serve TensorBoard on every stage under runs/ (PORT=6006
 STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
 
 .PHONY: study
-study: $(STAMP) ## Ablation table: the base pipeline, then one run per configs/$(DATASET)/study/*.yaml (STUDY_VARIANTS=...)
+study: $(STAMP) ## Ablation table: base pipeline + one run per configs/$(DATASET)/study/*.yaml (~2 h on 2 CPU cores; STUDY_VARIANTS=...)
 	$(PIPELINE)
 	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.study --dataset $(DATASET) --pct $(PCT) \
 		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) -- $(STUDY_VARIANTS)
