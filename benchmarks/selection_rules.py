@@ -22,7 +22,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffinject.cli import main as cli_main
-from diffinject.stages.classifiers import load_classifier_checkpoint
+from diffinject.stages.weights import load_classifier_checkpoint
 
 
 class EpochRecorder(Callback):

@@ -27,9 +27,9 @@ from torch import nn
 from diffinject.losses import gce_loss
 from diffinject.metrics import METRIC_NAMES, GroupedAccuracy, PseudoGroupAccuracy, to_floats
 from diffinject.nets import build_classifier
+from diffinject.stages.weights import CHECKPOINT_KEY, load_classifier_checkpoint
 
 Batch = dict[str, torch.Tensor]
-CHECKPOINT_KEY = "diffinject"
 PSEUDO_BALANCED = "val/acc_pseudo_balanced"
 
 
@@ -57,38 +57,6 @@ def check_data_compatibility(hparams: Any, datamodule: Any) -> None:
     if problems:
         name = type(datamodule).__name__
         raise ValueError(f"model and data disagree ({name}): " + "; ".join(problems) + ". Fix the config.")
-
-
-def load_classifier_checkpoint(
-    path: str | os.PathLike[str], expect: dict[str, Any]
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a classifier-stage checkpoint (`checkpoints/best.ckpt`) and its saved stage extras.
-
-    `expect` holds hyper-parameters that must match (e.g. num_classes); a mismatch names both values.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"classifier checkpoint {file} not found: run the bias fit stage first "
-            "(`diffinject fit --config configs/<dataset>/bias.yaml`), which writes checkpoints/best.ckpt"
-        )
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{file} is not a Lightning checkpoint (no 'state_dict')")
-    saved = checkpoint.get("hyper_parameters", {})
-    for key, value in expect.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(f"{file} was trained with {key}={saved[key]}, but this config has {value}")
-    net = build_classifier(
-        saved.get("arch", expect.get("arch")),
-        saved.get("num_classes", expect.get("num_classes")),
-        saved.get("in_channels", expect.get("in_channels")),
-        saved.get("image_size", expect.get("image_size")),
-        pretrained=False,
-    )
-    state = checkpoint["state_dict"]
-    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
-    return net, dict(checkpoint.get(CHECKPOINT_KEY, {}))
 
 
 class ClassifierModule(LightningModule):

@@ -26,7 +26,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from diffinject.losses import classwise_max, ema_update, gce_loss, lff_weights
 from diffinject.nets import build_classifier
-from diffinject.stages.classifiers import CHECKPOINT_KEY, Batch, ClassifierModule
+from diffinject.stages.classifiers import Batch, ClassifierModule
+from diffinject.stages.weights import CHECKPOINT_KEY
 
 
 class LfFClassifier(ClassifierModule):
