@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 METRIC_NAMES = ("acc", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc_group_mean")
+PSEUDO_BALANCED = "val/acc_pseudo_balanced"
+
+
+def selection_monitor(selection_bias: str | None) -> str:
+    """The validation metric `best.ckpt` maximises: pseudo-group balanced with a bias model, else val/acc."""
+    return PSEUDO_BALANCED if selection_bias else "val/acc"
 
 
 class GroupedAccuracy(Metric):

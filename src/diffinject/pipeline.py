@@ -199,6 +199,7 @@ def plan(opts: Options) -> list[Step]:
     def fit_test(stage: str, seed: int, upstream: list[str]) -> Step:
         folder = root / f"seed{seed}" / stage
         config = stage_config(opts, stage, seed)
+        upstream = [*upstream, *selection_upstream(config, seed, opts.stages)]
         cfg = str(folder / CONFIG_NAME)
         common = ["--config", cfg, *trainer, "--seed_everything", str(seed)]
         last = folder / "checkpoints" / "last.ckpt"
@@ -226,8 +227,7 @@ def plan(opts: Options) -> list[Step]:
             steps.append(step)
         for stage in ("vanilla", "lff"):
             if stage in opts.stages:
-                config = stage_config(opts, stage, seed)
-                steps.append(fit_test(stage, seed, selection_upstream(config, seed, opts.stages)))
+                steps.append(fit_test(stage, seed, []))
     if "diffusion" in opts.stages:
         folder = root / "diffusion"
         config = stage_config(opts, "diffusion", None)
@@ -254,8 +254,7 @@ def plan(opts: Options) -> list[Step]:
     # Every inject before any debias: a worker waiting on an upstream step holds its slot.
     for seed in opts.seeds:
         if "debias" in opts.stages:
-            upstream = selection_upstream(stage_config(opts, "debias", seed), seed, opts.stages)
-            steps.append(fit_test("debias", seed, [f"seed{seed}/inject", *upstream]))
+            steps.append(fit_test("debias", seed, [f"seed{seed}/inject"]))
     return steps
 
 

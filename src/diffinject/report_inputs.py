@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from diffinject.metrics import selection_monitor
+
 #: (stage folder, name in the report); the last row is the biased reference, not a competing method.
 METHODS = (("vanilla", "Vanilla"), ("lff", "LfF"), ("debias", "DiffInject"), ("bias", "GCE bias (reference)"))
 COMPARED = ("vanilla", "lff", "debias")
@@ -207,12 +209,6 @@ def _check_metrics(path: Path, payload: dict[str, Any]) -> None:
                 raise ValueError(f"{path}: {split}.{key} must be a number or null, got {value!r}")
 
 
-def selection_metric(metrics: dict[str, Any]) -> str:
-    """The validation metric the tested checkpoint was selected on (from the stage's hyper-parameters)."""
-    hparams = metrics.get("hparams") or {}
-    return "val/acc_pseudo_balanced" if hparams.get("selection_bias") else "val/acc"
-
-
 def collect_method(root: Path, stage: str, seeds: Sequence[int]) -> dict[str, Any]:
     """mean ± std of the test metrics and the selected checkpoint's biased val accuracy over seeds."""
     found: dict[int, dict[str, Any]] = {}
@@ -230,7 +226,8 @@ def collect_method(root: Path, stage: str, seeds: Sequence[int]) -> dict[str, An
         split = key.split("/")[0]
         entry[key] = mean_std([(m.get(split) or {}).get(key) for m in found.values()]) if found else None
     entry["checkpoint_epoch"] = {s: m.get("checkpoint_epoch") for s, m in found.items()}
-    rules = {selection_metric(m) for m in found.values()}
+    # the rule the stage's module applied, read back from its saved hyper-parameters
+    rules = {selection_monitor((m.get("hparams") or {}).get("selection_bias")) for m in found.values()}
     entry["selection"] = " / ".join(sorted(rules)) if rules else None
     if stage == "debias" and found:
         entry["num_train_synthetic"] = {s: m.get("num_train_synthetic") for s, m in found.items()}

@@ -25,12 +25,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from diffinject.losses import gce_loss
-from diffinject.metrics import METRIC_NAMES, GroupedAccuracy, PseudoGroupAccuracy, to_floats
+from diffinject.metrics import (
+    METRIC_NAMES,
+    PSEUDO_BALANCED,
+    GroupedAccuracy,
+    PseudoGroupAccuracy,
+    selection_monitor,
+    to_floats,
+)
 from diffinject.nets import build_classifier
 from diffinject.stages.weights import CHECKPOINT_KEY, load_classifier_checkpoint
 
 Batch = dict[str, torch.Tensor]
-PSEUDO_BALANCED = "val/acc_pseudo_balanced"
 
 
 def checkpoint_dir(default_root_dir: str | os.PathLike[str]) -> Path:
@@ -99,7 +105,7 @@ class ClassifierModule(LightningModule):
     @property
     def monitor(self) -> str:
         """The validation metric `best.ckpt` maximises."""
-        return PSEUDO_BALANCED if self.hparams.get("selection_bias") else "val/acc"
+        return selection_monitor(self.hparams.get("selection_bias"))
 
     # -- hooks shared by every stage -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -153,11 +159,12 @@ class ClassifierModule(LightningModule):
         return loss
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def _eval_step(self, batch: Batch, metric: GroupedAccuracy, prefix: str) -> None:
+    def _eval_step(self, batch: Batch, metric: GroupedAccuracy, prefix: str) -> torch.Tensor:
         logits = self(batch["image"])
         loss = F.cross_entropy(logits.float(), batch["label"])
         self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=batch["label"].numel(), sync_dist=True)
         metric.update(logits, batch["label"], batch["bias"])
+        return logits
 
     def _eval_epoch_end(self, metric: GroupedAccuracy, prefix: str) -> dict[str, float | None]:
         values = metric.compute()  # synchronised over ranks by torchmetrics
@@ -167,10 +174,10 @@ class ClassifierModule(LightningModule):
         return to_floats(values, prefix=f"{prefix}/")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        logits = self._eval_step(batch, self.val_metrics, "val")
         if self.val_pseudo is not None and self._selection_net:
             bias_net = self._selection_net[0].to(self.device)
-            self.val_pseudo.update(self(batch["image"]), batch["label"], bias_net(batch["image"]))
+            self.val_pseudo.update(logits, batch["label"], bias_net(batch["image"]))
 
     def on_validation_epoch_end(self) -> None:
         summary = self._eval_epoch_end(self.val_metrics, "val")
