@@ -1,14 +1,19 @@
-"""What does the h-space carry? Inject content into style for a grid of settings and measure the result.
+"""What does an injection setting make? Run the inject stage's own code on probe pairs and measure the result.
 
-For CMNIST only (colour and digit shape are both measurable): for each setting, N (content, style) pairs
-with different labels are inverted and regenerated with injection, then each synthetic image is read by the
-colour estimator and by a shape probe trained on colour-free training digits (task labels only). It prints
-one JSON line per setting: how often the output takes the content's or the style's shape and colour, and
-how often it is a *new combination* (shape of one image, colour of the other), which is what debiasing
-needs. Bias labels are used for measurement only.
+For CMNIST only (colour and digit shape are both measurable): N (content, style) pairs with different labels
+go through `InjectionPredictModule.inject` — exactly the product's code path — once per setting; each
+synthetic image is read by the colour estimator and by a shape probe trained on colour-free training digits
+(task labels only). One JSON line per setting: how often the output takes the content's or the style's
+shape and colour, and how often it is a *new combination* (shape of one image, colour of the other), which is
+what debiasing needs. Bias labels are used for measurement only; nothing here feeds the product.
 
     python benchmarks/hspace_probe.py --unet runs/cmnist/1pct/diffusion/unet --pairs 64 \
-        --gammas 0.1 0.3 0.5 --t-edits 400 600 800 --t-boosts 0 200
+        --gammas 0.3 0.7 --t-edits 400 600 --every 1 3
+    python benchmarks/hspace_probe.py --unet … --bias runs/cmnist/1pct/seed0/bias/checkpoints/best.ckpt \
+        --setting '{"start_from": "content", "gamma": 0, "guidance_scale": 0.3}' --setting '{"gamma": 0.7}'
+
+A setting is a JSON object of `InjectionPredictModule` options (gamma, t_edit, t_start, t_boost, blend,
+start_from, inject_from, guidance_scale, guidance_t_min, …); `--bias` fills `bias_model`.
 """
 
 from __future__ import annotations
@@ -23,25 +28,35 @@ import torch
 
 from diffinject import analysis
 from diffinject.data import CMNISTDataModule
-from diffinject.diffusion import (
-    Injection,
-    ddim_generate,
-    ddim_invert,
-    ddim_timesteps,
-    from_model_space,
-    linear_alphas_cumprod,
-    to_model_space,
-)
-from diffinject.nets.unet import load_unet_export
+from diffinject.stages.inject import InjectionPredictModule
+
+
+def probe_row(synthetic: np.ndarray, probe, content, style, labels, biases) -> dict[str, float]:
+    """The probe's fractions for synthetic images [N, 3, H, W] in [0, 1] made from (content, style)."""
+    colour = analysis.estimate_colour_classes(synthetic)
+    shape = analysis.probe_predict(probe, analysis.shape_gray(synthetic))
+    c_shape, s_shape = shape == labels[content], shape == labels[style]
+    c_col, s_col = colour == biases[content], colour == biases[style]
+    return {
+        "shape=content": float(c_shape.mean()),
+        "shape=style": float(s_shape.mean()),
+        "colour=content": float(c_col.mean()),
+        "colour=style": float(s_col.mean()),
+        "content shape + style colour": float((c_shape & s_col).mean()),
+        "style shape + content colour": float((s_shape & c_col).mean()),
+        "colour != content label colour": float((colour != labels[content]).mean()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", required=True)
+    parser.add_argument("--bias", default=None, help="bias-stage checkpoint (for guidance settings)")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="DDIM grid size S (inversion and generation)")
-    parser.add_argument("--every", type=int, nargs="+", default=[1], help="inject on every k-th step")
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    parser.add_argument("--setting", action="append", default=[], help="JSON object of inject options")
+    parser.add_argument("--every", type=int, nargs="+", default=[1], help="grid: inject on every k-th step")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.3, 0.7])
     parser.add_argument("--t-edits", type=int, nargs="+", default=[400])
     parser.add_argument("--t-boosts", type=int, nargs="+", default=[200])
     parser.add_argument("--ratio", type=float, default=0.01)
@@ -55,57 +70,32 @@ def main() -> None:
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     labels = np.array([train[i]["label"] for i in range(len(train))])
     biases = np.array([train[i]["bias"] for i in range(len(train))])
-    gray = analysis.shape_gray(images.numpy())
-    probe = analysis.train_shape_probe(gray, labels, num_classes=10)
+    probe = analysis.train_shape_probe(analysis.shape_gray(images.numpy()), labels, num_classes=10)
 
     rng = np.random.default_rng(args.seed)
     content = rng.choice(len(train), args.pairs, replace=False)
     style = np.array([rng.choice(np.flatnonzero(labels != labels[c])) for c in content])
+    batch = {
+        "style_image": images[style],
+        "content_image": images[content],
+        "content_index": torch.as_tensor(content),
+        "noise_seed": torch.arange(args.pairs) + 1000 * args.seed,
+    }
 
-    unet, info = load_unet_export(args.unet)
-    unet.eval()
-    size = int(info["model_size"])
-    abar = linear_alphas_cumprod(int(info["num_train_timesteps"]), info["beta_start"], info["beta_end"])
-    grid = ddim_timesteps(len(abar), args.steps)
-    with torch.no_grad():
-        x_c = to_model_space(images[content], size)
-        x_s = to_model_space(images[style], size)
-        inv_c = ddim_invert(unet, x_c, abar, grid, record_h=True)
-        inv_s = ddim_invert(unet, x_s, abar, grid)
-    settings = itertools.product(args.gammas, args.t_edits, args.t_boosts, args.every)
-    for gamma, t_edit, t_boost, every in settings:
+    settings = [json.loads(s) for s in args.setting] or [
+        {"gamma": g, "t_edit": te, "t_boost": tb, "inject_every": k}
+        for g, te, tb, k in itertools.product(args.gammas, args.t_edits, args.t_boosts, args.every)
+    ]
+    for setting in settings:
+        options = {"steps": args.steps, **setting}
+        if args.bias is not None:
+            options.setdefault("bias_model", args.bias)
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(args.seed)
+        module = InjectionPredictModule(unet=args.unet, **options)
         with torch.no_grad():
-            out = ddim_generate(
-                unet,
-                inv_s.latent,
-                abar,
-                grid,
-                t_boost=t_boost,
-                generator=generator,
-                injection=Injection(inv_c.h, gamma, t_edit, every=every),
-            )
-        synthetic = from_model_space(out, images.shape[-1]).clamp(0, 1).numpy()
-        colour = analysis.estimate_colour_classes(synthetic)
-        shape = analysis.probe_predict(probe, analysis.shape_gray(synthetic))
-        c_shape, s_shape = shape == labels[content], shape == labels[style]
-        c_col, s_col = colour == biases[content], colour == biases[style]
-        row = {
-            "gamma": gamma,
-            "t_edit": t_edit,
-            "t_boost": t_boost,
-            "steps": args.steps,
-            "every": every,
-            "shape=content": float(c_shape.mean()),
-            "shape=style": float(s_shape.mean()),
-            "colour=content": float(c_col.mean()),
-            "colour=style": float(s_col.mean()),
-            "content shape + style colour": float((c_shape & s_col).mean()),
-            "style shape + content colour": float((s_shape & c_col).mean()),
-            "colour != shape (conflicting)": float((colour != shape).mean()),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
+            synthetic = module.inject(batch).numpy()
+        row = {"setting": setting, **probe_row(synthetic, probe, content, style, labels, biases)}
+        row["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(row), flush=True)
 
 

@@ -1,6 +1,7 @@
 """Diffusion math as pure functions: schedule, P2 weights, preprocessing, DDIM, h-space injection."""
 
 from diffinject.diffusion.ddim import DDIMInversion as DDIMInversion
+from diffinject.diffusion.ddim import Guidance as Guidance
 from diffinject.diffusion.ddim import Injection as Injection
 from diffinject.diffusion.ddim import ddim_generate as ddim_generate
 from diffinject.diffusion.ddim import ddim_invert as ddim_invert

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from diffinject.diffusion.hspace import HSpaceHook, slerp_inject
+from diffinject.diffusion.hspace import BLENDS, HSpaceHook
 from diffinject.diffusion.unet_split import unet_decode, unet_encode
 
 NoiseFn = Callable[[int], Tensor]
@@ -46,6 +46,9 @@ class Injection:
     on steps with t ≥ `t_edit`; `mask` selects a region of the h map (local mode, see `slerp_inject`).
     `every` = k injects only on every k-th generation step (counted from the first, noisiest one); the plain
     steps between let the model pull x back onto its data manifold (the reference injects on ~30 of 1,000).
+    `t_start` closes an injection *window* t_edit ≤ t ≤ t_start (None: up to T), so the noisiest steps keep
+    the generated image's own global layout. `blend` names the h-space operation (`hspace.BLENDS`): "slerp"
+    (the paper: the whole map) or "adain" (only the per-channel statistics).
     """
 
     h_content: Tensor
@@ -54,20 +57,47 @@ class Injection:
     mask: Tensor | None = None
     slots: Tensor | None = None
     every: int = 1
+    t_start: int | None = None
+    blend: str = "slerp"
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"Injection.every must be >= 1, got {self.every}")
+        if self.blend not in BLENDS:
+            raise ValueError(f"Injection.blend must be one of {sorted(BLENDS)}, got {self.blend!r}")
+        if self.t_start is not None and self.t_start < self.t_edit:
+            raise ValueError(f"Injection window needs t_edit <= t_start, got {self.t_edit} > {self.t_start}")
 
     def applies(self, i: int, t: int, num_steps: int) -> bool:
         """Whether generation step i (input timestep t) of an S-step grid injects."""
-        return t >= self.t_edit and (num_steps - 1 - i) % self.every == 0
+        in_window = self.t_edit <= t and (self.t_start is None or t <= self.t_start)
+        return in_window and (num_steps - 1 - i) % self.every == 0
 
     def at_step(self, i: int) -> Tensor:
         """The content h of every sample at grid index i, [B, C, H, W]."""
         if self.slots is None:
             return self.h_content[:, i]
         return self.h_content[self.slots.to(self.h_content.device), i]
+
+
+@dataclass
+class Guidance:
+    """Classifier guidance on x̂₀ during generation (as diffusion counterfactual explanations, e.g. DiME).
+
+    On steps with t_min ≤ t ≤ t_max, x̂₀ moves by `scale · grad_fn(x̂₀)` (model space) before the step; ε for
+    x̂₀ is re-derived from the moved x̂₀, the direction term keeps the model's own ε (the asymmetric step),
+    so each step's push enters x at √ᾱ_{t'} and the model keeps the image on its manifold afterwards.
+    `grad_fn` returns the (normalised) ascent direction of the guiding objective, e.g. log p(class | x̂₀) of
+    a classifier; it is called under `torch.enable_grad()`.
+    """
+
+    grad_fn: Callable[[Tensor], Tensor]
+    scale: float
+    t_min: int = 0
+    t_max: int | None = None
+
+    def applies(self, t: int) -> bool:
+        return self.scale != 0.0 and self.t_min <= t and (self.t_max is None or t <= self.t_max)
 
 
 def _check_grid(alphas_cumprod: Tensor, timesteps: Tensor) -> list[int]:
@@ -191,8 +221,10 @@ def _injected_eps(
     """(ε, ε̃) at x_t: plain and with the blended bottleneck h̃ = slerp_inject(h, h_c, γ, mask)."""
     channels = x.shape[1]
 
+    blend_fn = BLENDS[injection.blend]
+
     def blend(h: Tensor) -> Tensor:
-        return slerp_inject(h.float(), h_content, injection.gamma, injection.mask).to(h.dtype)
+        return blend_fn(h.float(), h_content, injection.gamma, injection.mask).to(h.dtype)
 
     if shared_encoder:
         hook.mode = "off"
@@ -210,6 +242,15 @@ def _injected_eps(
     return eps, eps_tilde
 
 
+def _guided_eps(x: Tensor, eps_x0: Tensor, abar_t: float, guidance: Guidance) -> Tensor:
+    """ε consistent with x̂₀ + scale · grad(x̂₀): what x̂₀ would be if the model had predicted the push."""
+    x0 = (x - math.sqrt(1.0 - abar_t) * eps_x0) / math.sqrt(abar_t)
+    with torch.enable_grad():
+        direction = guidance.grad_fn(x0.detach()).to(x.dtype)
+    x0 = x0 + guidance.scale * direction
+    return (x - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
+
+
 @torch.no_grad()
 def ddim_generate(
     unet: nn.Module,
@@ -222,6 +263,7 @@ def ddim_generate(
     noise: NoiseFn | None = None,
     generator: torch.Generator | None = None,
     injection: Injection | None = None,
+    guidance: Guidance | None = None,
     shared_encoder: bool = True,
 ) -> Tensor:
     """DDIM generation from x at τ_{S−1} (`x_T`: an inverted latent or Gaussian noise) to the clean image.
@@ -230,6 +272,7 @@ def ddim_generate(
     steps comes from `noise(i)` (grid index i; lets callers seed per sample) or else from `generator`.
     With `injection`, steps with t ≥ t_edit use the asymmetric update; `shared_encoder` picks the
     encoder-once / decoder-twice split (fast) or two full UNet passes with an `HSpaceHook` (reference).
+    With `guidance`, x̂₀ is pushed along its gradient on the steps it covers (see `Guidance`).
     Returns x̂ in model space, unclipped.
     """
     steps = _check_grid(alphas_cumprod, timesteps)
@@ -259,6 +302,8 @@ def ddim_generate(
                 hook.mode = "off"
                 eps = eps_x0 = _eps(unet(x, _t_batch(t, x)), channels, x.dtype)
             abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+            if guidance is not None and guidance.applies(t):
+                eps_x0 = _guided_eps(x, eps_x0, abar_t, guidance)
             z = None
             if step_eta > 0.0 and abar_prev < 1.0:
                 z = (

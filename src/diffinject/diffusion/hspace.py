@@ -78,6 +78,47 @@ def slerp_inject(h: Tensor, h_content: Tensor, gamma: float, mask: Tensor | None
     return mask * blended + (1.0 - mask) * h
 
 
+def adain_inject(h: Tensor, h_content: Tensor, gamma: float, mask: Tensor | None = None) -> Tensor:
+    """Move only h's per-channel statistics towards the content's: AdaIN on the bottleneck, blended by γ.
+
+    h̃ = h + γ · (σ_c · (h − μ_h)/σ_h + μ_c − h), with μ, σ per sample and channel over the h map. The spatial
+    pattern of h (where things are) stays the style's; only each channel's mean and spread (what kind of
+    thing, in a global sense) follow the content. γ = 0 returns `h`; `mask` limits the change to a region
+    (statistics are then taken over the masked cells only).
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"adain_inject: gamma must be in [0, 1], got {gamma}")
+    if h.shape != h_content.shape or h.ndim != 4:
+        raise ValueError(
+            f"adain_inject: h {tuple(h.shape)} and h_content {tuple(h_content.shape)} "
+            "must share one B×C×H×W shape"
+        )
+    if gamma == 0.0:
+        return h
+    h_content = h_content.to(h.dtype)
+    weight = (
+        torch.ones_like(h[:, :1])
+        if mask is None
+        else mask.to(device=h.device, dtype=h.dtype).expand_as(h[:, :1])
+    )
+    count = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+
+    def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = (x * weight).sum(dim=(2, 3), keepdim=True) / count
+        var = ((x - mean) ** 2 * weight).sum(dim=(2, 3), keepdim=True) / count
+        return mean, var.clamp_min(1e-10).sqrt()
+
+    mean_h, std_h = stats(h)
+    mean_c, std_c = stats(h_content)
+    moved = (h - mean_h) / std_h * std_c + mean_c
+    blended = h + gamma * (moved - h)
+    return blended if mask is None else weight * blended + (1.0 - weight) * h
+
+
+#: h-space blends by name (`Injection.blend`)
+BLENDS = {"slerp": slerp_inject, "adain": adain_inject}
+
+
 def box_mask(height: int, width: int, box: Sequence[float]) -> Tensor:
     """A [height, width] 0/1 mask for a box (top, left, bottom, right) in relative coordinates of the h map.
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from diffinject.diffusion import (
     PREPROCESS_RULE,
+    Guidance,
     Injection,
     box_mask,
     check_split_supported,
@@ -32,7 +33,16 @@ from diffinject.diffusion import (
     linear_alphas_cumprod,
     to_model_space,
 )
+from diffinject.diffusion.hspace import BLENDS
+from diffinject.diffusion.steering import classifier_guidance_fn, match_channel_stats
 from diffinject.nets.unet import INFO_FILENAME, load_unet_export
+from diffinject.stages.weights import load_classifier_checkpoint
+
+#: where generation starts: the style's inverted x_T (the paper), the content's, or the content's
+#: re-normalised to the style's per-channel statistics (StyleID's initial-latent AdaIN)
+START_FROM = ("style", "content", "content_stats")
+#: whose h trajectory is blended into the generation (γ > 0): the content's (the paper) or the style's
+INJECT_FROM = ("content", "style")
 
 
 def diffusion_stage_hint(unet_dir: Path) -> str:
@@ -40,6 +50,35 @@ def diffusion_stage_hint(unet_dir: Path) -> str:
     parts = unet_dir.parts
     dataset = parts[-4] if len(parts) >= 4 and parts[-2] == "diffusion" else "<dataset>"
     return f"diffinject fit --config configs/{dataset}/diffusion.yaml"
+
+
+def validate_modes(
+    blend: str,
+    t_start: int | None,
+    t_edit: int,
+    start_from: str,
+    inject_from: str,
+    bias_model: str | None,
+    guidance_scale: float,
+) -> None:
+    """The injection-mode options (see `InjectionPredictModule`), each refused with the allowed values."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {blend!r}")
+    if t_start is not None and t_start < t_edit:
+        raise ValueError(
+            f"t_start ({t_start}) must be >= t_edit ({t_edit}): the window is t_edit <= t <= t_start"
+        )
+    if start_from not in START_FROM:
+        raise ValueError(f"start_from must be one of {list(START_FROM)}, got {start_from!r}")
+    if inject_from not in INJECT_FROM:
+        raise ValueError(f"inject_from must be one of {list(INJECT_FROM)}, got {inject_from!r}")
+    if guidance_scale < 0.0:
+        raise ValueError(f"guidance_scale must be >= 0 (0: off), got {guidance_scale}")
+    if guidance_scale > 0.0 and bias_model is None:
+        raise ValueError(
+            "guidance_scale > 0 needs bias_model: the bias stage's checkpoint "
+            "(e.g. runs/<ds>/<pct>/bias/checkpoints/best.ckpt)"
+        )
 
 
 def validate_injection_settings(
@@ -74,6 +113,16 @@ class InjectionPredictModule(LightningModule):
             passes with an h-space hook, the reference scheme; same result, slower).
         cache_content: invert each content image once and reuse its h (False: re-invert per pair, reference).
         channels_last: channels-last memory format for the UNet (faster convolutions on recent GPUs).
+        blend: h-space operation, "slerp" (the paper: the whole map) or "adain" (per-channel statistics only).
+        t_start: upper end of an injection window t_edit ≤ t ≤ t_start (None: every step from t_edit up).
+        start_from: "style" (the paper), "content" or "content_stats" (the content's x_T with the style's
+            per-channel mean/std) — see `START_FROM`.
+        inject_from: whose h is blended in, "content" (the paper) or "style"; with start_from "content" this
+            swaps the roles of the two images.
+        bias_model: the seed's bias-stage checkpoint (`bias/checkpoints/best.ckpt`); needed by guidance.
+        guidance_scale: bias-model guidance on x̂₀ (0: off): steer x̂₀ towards the class the bias model assigns
+            the style image, by this step size (model-space units, normalised gradient) per guided step.
+        guidance_t_min, guidance_t_max: the guided steps, t_min ≤ t ≤ t_max (None: up to T).
     """
 
     def __init__(
@@ -90,9 +139,18 @@ class InjectionPredictModule(LightningModule):
         shared_encoder: bool = True,
         cache_content: bool = True,
         channels_last: bool = False,
+        blend: str = "slerp",
+        t_start: int | None = None,
+        start_from: str = "style",
+        inject_from: str = "content",
+        bias_model: str | None = None,
+        guidance_scale: float = 0.0,
+        guidance_t_min: int = 0,
+        guidance_t_max: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        validate_modes(blend, t_start, t_edit, start_from, inject_from, bias_model, guidance_scale)
         unet_dir = Path(unet)
         if not (unet_dir / "config.json").is_file() or not (unet_dir / INFO_FILENAME).is_file():
             raise FileNotFoundError(
@@ -131,7 +189,12 @@ class InjectionPredictModule(LightningModule):
         self.model_size = int(self.unet.config.sample_size)
         # content cache: trajectories [P, S, C, h, w] (fp32) + content dataset index → row in it
         self._h_pool: Tensor | None = None
+        self._latent_pool: Tensor | None = None
         self._h_slot: dict[int, int] = {}
+        self.bias_net: torch.nn.Module | None = None
+        if bias_model is not None:
+            net, _ = load_classifier_checkpoint(bias_model, expect={})
+            self.bias_net = net.eval().requires_grad_(False)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -167,14 +230,17 @@ class InjectionPredictModule(LightningModule):
     def content_h(self, content_ids: list[int], content_images: Tensor) -> tuple[Tensor, Tensor | None]:
         """(h, slots) for `Injection`: the cached pool [P, S, C, h, w] and each sample's slot in it.
 
+        The content's inverted x_T is cached beside its h (`content_latents` reads it).
+
         Each content image is inverted once, the first time a batch needs it; its h trajectory is kept in
         fp32 on the module's device for every later pair. With `cache_content=False` every pair's content
         is re-inverted (the reference scheme) and h is per sample (slots None).
         """
         if not self.hparams.cache_content:
-            h = self._invert(to_model_space(content_images, self.model_size), record_h=True).h
-            assert h is not None
-            return h, None
+            inversion = self._invert(to_model_space(content_images, self.model_size), record_h=True)
+            assert inversion.h is not None
+            self._uncached_latents = inversion.latent
+            return inversion.h, None
         first_position: dict[int, int] = {}
         for position, cid in enumerate(content_ids):
             if cid not in self._h_slot and cid not in first_position:
@@ -182,14 +248,39 @@ class InjectionPredictModule(LightningModule):
         if first_position:
             new_ids = list(first_position)
             images = content_images[[first_position[c] for c in new_ids]]
-            h = self._invert(to_model_space(images, self.model_size), record_h=True).h
+            inversion = self._invert(to_model_space(images, self.model_size), record_h=True)
+            h, latent = inversion.h, inversion.latent
             assert h is not None
             start = 0 if self._h_pool is None else self._h_pool.shape[0]
             self._h_pool = h if self._h_pool is None else torch.cat([self._h_pool, h.to(self._h_pool.device)])
+            self._latent_pool = (
+                latent
+                if self._latent_pool is None
+                else torch.cat([self._latent_pool, latent.to(self._latent_pool.device)])
+            )
             self._h_slot.update({cid: start + j for j, cid in enumerate(new_ids)})
         assert self._h_pool is not None
         slots = torch.tensor([self._h_slot[c] for c in content_ids], device=self._h_pool.device)
         return self._h_pool, slots
+
+    def content_latents(self, slots: Tensor | None) -> Tensor:
+        """The contents' inverted x_T for the batch `content_h` just served (cached pool or this batch's)."""
+        if slots is None:
+            return self._uncached_latents
+        assert self._latent_pool is not None
+        return self._latent_pool[slots.to(self._latent_pool.device)]
+
+    def _guidance(self, style_images: Tensor) -> Guidance | None:
+        """Bias-model guidance towards the class the bias model assigns each style image (label-free)."""
+        hp = self.hparams
+        if hp.guidance_scale == 0.0:
+            return None
+        assert self.bias_net is not None
+        self.bias_net.to(self.device)
+        with torch.no_grad():
+            target = self.bias_net(style_images).argmax(dim=1)
+        grad_fn = classifier_guidance_fn(self.bias_net, target, style_images.shape[-1])
+        return Guidance(grad_fn, hp.guidance_scale, hp.guidance_t_min, hp.guidance_t_max)
 
     def _noise_fn(self, seeds: list[int], shape: tuple[int, ...]) -> Any:
         """Per-sample CPU generators: sample b's noise depends on its own seed only, never on the batch."""
@@ -208,18 +299,33 @@ class InjectionPredictModule(LightningModule):
         content_ids = [int(c) for c in batch["content_index"]]
         with torch.autocast(device_type=self.device.type, enabled=False):
             h_content, slots = self.content_h(content_ids, content_images)
-            latent = self._invert(to_model_space(style_images, self.model_size), record_h=False).latent
+            style = self._invert(
+                to_model_space(style_images, self.model_size), record_h=hp.inject_from == "style"
+            )
+            if hp.start_from == "style":
+                latent = style.latent
+            else:
+                latent = self.content_latents(slots).to(self.device)
+                if hp.start_from == "content_stats":
+                    latent = match_channel_stats(latent, style.latent)
+            if hp.inject_from == "style":
+                assert style.h is not None
+                h_content, slots = style.h, None
             mask = None
             if hp.mask_box is not None:
                 mask = box_mask(h_content.shape[-2], h_content.shape[-1], hp.mask_box).to(self.device)
-            injection = Injection(
-                h_content, gamma=hp.gamma, t_edit=hp.t_edit, mask=mask, slots=slots, every=hp.inject_every
-            )
+            injection = None
+            if hp.gamma > 0.0:
+                injection = Injection(
+                    h_content, gamma=hp.gamma, t_edit=hp.t_edit, mask=mask, slots=slots,
+                    every=hp.inject_every, t_start=hp.t_start, blend=hp.blend,
+                )  # fmt: skip
             noise = self._noise_fn([int(s) for s in batch["noise_seed"]], tuple(latent.shape[1:]))
             with self._autocast(hp.autocast):
                 x = ddim_generate(
                     self.unet, latent, self.alphas_cumprod, self.timesteps, t_boost=hp.t_boost, noise=noise,
-                    injection=injection, shared_encoder=hp.shared_encoder,
+                    injection=injection, guidance=self._guidance(style_images),
+                    shared_encoder=hp.shared_encoder,
                 )  # fmt: skip
         return from_model_space(x.float(), orig_size)
 
@@ -240,6 +346,8 @@ class InjectionPredictModule(LightningModule):
         self.unet.eval()
         if self._h_pool is not None:
             self._h_pool = self._h_pool.to(self.device)
+        if self._latent_pool is not None:
+            self._latent_pool = self._latent_pool.to(self.device)
 
     def clear_content_cache(self) -> None:
-        self._h_pool, self._h_slot = None, {}
+        self._h_pool, self._latent_pool, self._h_slot = None, None, {}
