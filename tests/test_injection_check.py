@@ -1,0 +1,232 @@
+"""The label-free injection check: pure functions on hand-built tensors, the callback on a tiny inject run,
+and its paths in the pipeline's per-seed layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from diffinject.callbacks import InjectionCheck
+from diffinject.callbacks.injection_check import CHECK_FILENAME
+from diffinject.cli import main
+from diffinject.data import CMNISTDataModule
+from diffinject.diffusion import to_model_space
+from diffinject.injection_check import (
+    bias_kept_content,
+    bias_moved,
+    content_retention,
+    content_scores,
+    injection_check,
+)
+from diffinject.nets import build_classifier
+from diffinject.pipeline import Options, stage_config
+from inject_helpers import tiny_unet, train_tiny_unet, write_topk, write_unet_export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class MeanChannelNet(nn.Module):
+    """Stub bias model: class = floor(10 × mean of channel 0), one-hot logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x[:, 0].mean(dim=(1, 2)) * 10).floor().clamp(0, 9).long()
+        return F.one_hot(cls, 10).float() + 0 * self.anchor
+
+
+def _images(classes: list[int], seed: int = 0) -> torch.Tensor:
+    """Channel 0 constant at the middle of the class's bin, the other channels random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(len(classes), 3, 28, 28, generator=g)
+    x[:, 0] = (torch.tensor(classes, dtype=torch.float32) / 10 + 0.05).view(-1, 1, 1)
+    return x
+
+
+def test_bias_moved_and_kept_content_rates() -> None:
+    net = MeanChannelNet()
+    content = _images([1, 2, 3, 4, 5], seed=1)
+    style = _images([6, 7, 8, 9, 5], seed=2)
+    synthetic = _images([6, 2, 0, 9, 5], seed=3)  # moved, kept, neither, moved, both (content = style class)
+    moved = bias_moved(net, synthetic, style)
+    kept = bias_kept_content(net, synthetic, content)
+    assert moved.tolist() == [True, False, False, True, True]
+    assert kept.tolist() == [False, True, False, False, True]
+    result = injection_check(net, tiny_unet(16), synthetic, content, style, model_size=16)
+    assert result["n"] == 5
+    assert result["bias_moved"] == pytest.approx(3 / 5) and result["bias_kept_content"] == pytest.approx(
+        2 / 5
+    )
+    assert result["bias_pairs_differ"] == pytest.approx(4 / 5)
+    assert result["bias_moved_when_differ"] == pytest.approx(2 / 4)
+    assert result["bias_kept_content_when_differ"] == pytest.approx(1 / 4)
+
+
+def test_content_scores_on_stub_features() -> None:
+    g = torch.Generator().manual_seed(0)
+    h_content, h_style = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    for normalise in (True, False):
+        same = content_scores(h_content, h_content, h_style, normalise)
+        assert same["retained"].all() and torch.allclose(same["cos_content"], torch.ones(6))
+        other = content_scores(h_style, h_content, h_style, normalise)
+        assert not other["retained"].any() and torch.allclose(other["cos_style"], torch.ones(6))
+    # per-channel statistics do not count after instance normalisation (AdaIN's "style"), they do raw
+    scale, shift = torch.rand(1, 4, 1, 1, generator=g) + 0.5, torch.randn(1, 4, 1, 1, generator=g)
+    restyled = content_scores(h_content * scale + shift, h_content, h_style)
+    assert torch.allclose(restyled["cos_content"], torch.ones(6), atol=1e-4)
+    assert not torch.allclose(
+        content_scores(h_content + 3.0, h_content, h_style, False)["cos_content"], torch.ones(6)
+    )
+
+
+def test_content_retention_with_a_tiny_unet() -> None:
+    unet = tiny_unet(16)
+    content, style = _images([1] * 4, seed=4), _images([2] * 4, seed=5)
+    assert content_retention(unet, content, content, style, model_size=16)["retained"].all()
+    assert not content_retention(unet, style, content, style, model_size=16, t=200)["retained"].any()
+    result = injection_check(MeanChannelNet(), unet, content, content, style, model_size=16)
+    assert result["content_retention"] == 1.0 and result["content_retention_raw"] == 1.0
+    assert result["cos_content"] == pytest.approx(1.0, abs=1e-5) and result["cos_style"] < 1.0
+    assert result["bias_kept_content"] == 1.0 and result["bias_moved"] == 0.0
+    assert result["moved_and_retained"] == 0.0
+    swapped = injection_check(MeanChannelNet(), unet, style, content, style, model_size=16)
+    assert swapped["content_retention"] == 0.0 and swapped["bias_moved"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ tiny inject run
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("check")
+    data = CMNISTDataModule(root=str(root / "data"), source="embedded", ratio=0.01)
+    data.setup("fit")
+    train = data.train_eval_dataset
+    digits = torch.stack([train[i]["image"] for i in range(8)])
+    torch.set_num_threads(1)
+    unet = train_tiny_unet(to_model_space(digits, 16), steps=40)  # the check needs no good UNet
+    write_unet_export(unet, root / "runs/cmnist/1pct/diffusion/unet", image_size=28)
+    bias = root / "runs/cmnist/1pct/bias"
+    (bias / "checkpoints").mkdir(parents=True)
+    write_topk(bias / "topk.csv", train.labels, train.biases, k=2)
+    torch.manual_seed(0)
+    net = build_classifier("mlp", 10, 3, 28)
+    hparams = {"arch": "mlp", "num_classes": 10, "in_channels": 3, "image_size": 28}
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, bias / "checkpoints/best.ckpt")
+    return root
+
+
+def _config(root: Path, out: str, bias_checkpoint: str, max_samples: int = 512) -> Path:
+    run = root / f"runs/cmnist/1pct/{out}"
+    config = {
+        "return_predictions": False,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(run),
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run.parent), "name": out, "version": ""},
+            },
+            "callbacks": [
+                {
+                    "class_path": "diffinject.callbacks.SyntheticImageWriter",
+                    "init_args": {"output_dir": str(run)},
+                },
+                {
+                    "class_path": "diffinject.callbacks.InjectionCheck",
+                    "init_args": {
+                        "bias_checkpoint": bias_checkpoint,
+                        "output_dir": str(run),
+                        "max_samples": max_samples,
+                    },
+                },
+            ],
+        },
+        "model": {
+            "class_path": "InjectionPredictModule",
+            "init_args": {"unet": str(root / "runs/cmnist/1pct/diffusion/unet"), "steps": 10},
+        },
+        "data": {
+            "class_path": "InjectionPairsDataModule",
+            "init_args": {
+                "data": {
+                    "class_path": "CMNISTDataModule",
+                    "init_args": {"root": str(root / "data"), "source": "embedded", "ratio": 0.01},
+                },
+                "topk": str(root / "runs/cmnist/1pct/bias/topk.csv"),
+                "ratio": 0.005,
+                "k": 2,
+                "batch_size": 9,
+            },
+        },
+    }
+    path = root / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _scalar_tags(run: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_callback_writes_check_and_recomputes_on_rerun(workdir: Path) -> None:
+    bias = str(workdir / "runs/cmnist/1pct/bias/checkpoints/best.ckpt")
+    cfg = _config(workdir, "inject", bias, max_samples=12)
+    run = workdir / "runs/cmnist/1pct/inject"
+    cli = main(["predict", "--config", str(cfg)])
+    check = json.loads((run / CHECK_FILENAME).read_text())
+    assert check["n"] == 12 and check["num_rows"] == len(cli.datamodule.plan) == 18 and check["complete"]
+    for key in ("bias_moved", "bias_kept_content", "content_retention", "cos_content", "moved_and_retained"):
+        assert check[key] is not None and -1.0 <= check[key] <= 1.0, key
+    assert check["bias_checkpoint"] == bias
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, InjectionCheck))
+    assert callback.result == check
+    assert {"check/bias_moved", "check/content_retention", "check/moved_and_retained"} <= _scalar_tags(run)
+
+    # a rerun with nothing left to generate recomputes the (deterministic) check from the files on disk
+    (run / CHECK_FILENAME).unlink()
+    main(["predict", "--config", str(cfg)])
+    assert json.loads((run / CHECK_FILENAME).read_text()) == check
+
+
+def test_missing_bias_checkpoint_is_named_before_any_image(workdir: Path) -> None:
+    missing = str(workdir / "runs/cmnist/1pct/seed7/bias/checkpoints/best.ckpt")
+    cfg = _config(workdir, "inject_missing", missing)
+    with pytest.raises(
+        FileNotFoundError, match=r"bias checkpoint .*seed7/bias/checkpoints/best.ckpt not found"
+    ):
+        main(["predict", "--config", str(cfg)])
+    assert not list((workdir / "runs/cmnist/1pct/inject_missing").glob("images/*.png"))
+
+
+# ------------------------------------------------------------------------------------------ pipeline paths
+@pytest.mark.parametrize("dataset", ["cmnist", "ccifar10", "bffhq", "dogscats"])
+@pytest.mark.parametrize("profile", ["quick", "smoke"])
+def test_pipeline_moves_the_check_to_the_seed_folders(tmp_path: Path, dataset: str, profile: str) -> None:
+    opts = Options(dataset=dataset, runs=str(tmp_path), profile=profile, configs=str(REPO / "configs"))
+    config = stage_config(opts, "inject", seed=2)
+    entries = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("InjectionCheck")]
+    assert len(entries) == 1
+    args = entries[0]["init_args"]
+    seed_folder = Path(config["data"]["init_args"]["topk"]).parents[1]
+    assert seed_folder == opts.root / "seed2"
+    assert args["bias_checkpoint"] == str(seed_folder / "bias/checkpoints/best.ckpt")
+    assert args["output_dir"] == config["trainer"]["default_root_dir"] == str(seed_folder / "inject")
