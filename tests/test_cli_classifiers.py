@@ -150,6 +150,28 @@ def test_debias_trains_on_original_plus_manifest(tmp_path: Path) -> None:
     assert checkpoint["diffinject"]["num_synthetic"] == 20
 
 
+@pytest.mark.parametrize("control", ["uniform_colour", "shuffle_labels"])
+def test_debias_synthetic_control_from_the_cli(tmp_path: Path, control: str) -> None:
+    """The study's control variants set `data.init_args.synthetic_control` on the debias config."""
+    manifest = write_manifest(tmp_path / "inject")
+    cli = main(
+        [
+            "fit", "--config", str(plain_ce_debias_config(tmp_path)), *tiny(tmp_path / "run", tmp_path / "d"),
+            "--data.init_args.synthetic_manifest", str(manifest),
+            "--data.init_args.synthetic_control", control, "--trainer.fast_dev_run", "true",
+        ]
+    )  # fmt: skip
+    datamodule = cli.datamodule
+    assert datamodule.synthetic_control == control and len(datamodule.train_dataset) == 3620
+    items = [datamodule.train_dataset[3600 + r] for r in range(20)]
+    labels = [it["label"] for it in items]
+    if control == "uniform_colour":
+        assert labels == [r % 10 for r in range(20)]
+        assert all(torch.equal(it["image"], it["image"][:, :1, :1].expand(3, 28, 28)) for it in items)
+    else:
+        assert sorted(labels) == sorted(r % 10 for r in range(20)) and labels != [r % 10 for r in range(20)]
+
+
 @pytest.mark.parametrize(
     ("mutate", "error", "match"),
     [

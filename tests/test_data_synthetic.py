@@ -10,8 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffinject.data import CMNISTDataModule
+from diffinject.data import (
+    BFFHQDataModule,
+    CCIFAR10DataModule,
+    CMNISTDataModule,
+    DogsCatsDataModule,
+    FolderDataModule,
+)
+from diffinject.data.base import BiasedDataModule
 from diffinject.data.datasets import BadImageError
+from test_data_folder import make_tree
 
 HEADER = "index,content_index,style_index,label,path\n"
 
@@ -119,3 +127,93 @@ def test_corrupt_synthetic_image(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         lenient.setup("fit")
     assert len(lenient.train_dataset) == 3601
     assert "dropped 1 unreadable image(s) from synthetic manifest" in caplog.text
+
+
+def _control_manifest(tmp_path: Path, n: int = 12) -> Path:
+    names = _write_images(tmp_path / "images", n)
+    rows = "".join(f"{10 + 3 * i},0,0,{i % 10},{names[i]}\n" for i in range(n))
+    return _manifest(tmp_path, HEADER + rows)
+
+
+def _synthetic_items(dm: BiasedDataModule) -> list[dict]:
+    dm.setup("fit")
+    return [dm.train_dataset[i] for i in range(dm.num_train_original, len(dm.train_dataset))]
+
+
+def test_uniform_colour_control_replaces_images_keeps_labels(tmp_path: Path) -> None:
+    manifest = _control_manifest(tmp_path)
+    plain = _synthetic_items(_dm(manifest))
+    control = _synthetic_items(_dm(manifest, synthetic_control="uniform_colour"))
+    again = _synthetic_items(_dm(manifest, synthetic_control="uniform_colour"))
+    assert [it["label"] for it in control] == [it["label"] for it in plain]
+    assert [it["index"] for it in control] == [it["index"] for it in plain]
+    colours = []
+    for item, reference, repeat in zip(control, plain, again, strict=True):
+        image = item["image"]
+        assert image.shape == reference["image"].shape == (3, 28, 28) and image.dtype == torch.float32
+        colour = image[:, :1, :1]
+        assert torch.equal(image, colour.expand_as(image))  # one colour per image
+        assert torch.equal(image, repeat["image"])  # deterministic across builds
+        colours.append(colour.flatten())
+    colours = torch.stack(colours)
+    assert len(torch.unique(colours, dim=0)) == len(colours)  # a different colour per row
+    assert float(colours.min()) >= 0.0 and float(colours.max()) <= 1.0
+    assert float(colours.std()) > 0.15  # spread over [0, 1], not a constant
+    assert not any(torch.equal(c["image"], p["image"]) for c, p in zip(control, plain, strict=True))
+
+
+def test_shuffle_labels_control_permutes_labels_keeps_images(tmp_path: Path) -> None:
+    manifest = _control_manifest(tmp_path)
+    plain = _synthetic_items(_dm(manifest))
+    control = _synthetic_items(_dm(manifest, synthetic_control="shuffle_labels"))
+    again = _synthetic_items(_dm(manifest, synthetic_control="shuffle_labels"))
+    labels = [it["label"] for it in plain]
+    shuffled = [it["label"] for it in control]
+    assert sorted(shuffled) == sorted(labels) and shuffled != labels
+    assert shuffled == [it["label"] for it in again]
+    for item, reference in zip(control, plain, strict=True):
+        assert torch.equal(item["image"], reference["image"]) and item["index"] == reference["index"]
+        assert item["bias"] == -1
+
+
+def test_synthetic_control_does_not_touch_the_real_images(tmp_path: Path) -> None:
+    dm = _dm(_control_manifest(tmp_path, 3), synthetic_control="uniform_colour")
+    dm.setup("fit")
+    assert torch.equal(dm.train_dataset[5]["image"], dm.train_eval_dataset[5]["image"])
+    assert dm.train_dataset.labels[:3600].tolist() == dm.train_eval_dataset.labels.tolist()
+
+
+def test_invalid_synthetic_control_is_a_clear_error(tmp_path: Path) -> None:
+    expected = r"synthetic_control must be one of none, uniform_colour, shuffle_labels, got 'noise'"
+    with pytest.raises(ValueError, match=expected):
+        _dm(tmp_path / "manifest.csv", synthetic_control="noise")
+
+
+def test_folder_module_applies_the_control(tmp_path: Path) -> None:
+    """A folder dataset (16 px, resized synthetic images, no augmentation) gets the same controls."""
+    make_tree(tmp_path / "data", num_classes=5)
+    manifest = _control_manifest(tmp_path / "inject", 4)
+    args = {"name": "toy_set", "pct": "1pct", "num_classes": 5, "image_size": 16, "augment": False}
+    modules = {
+        control: FolderDataModule(
+            str(tmp_path / "data"),
+            num_workers=0,
+            synthetic_manifest=str(manifest),
+            synthetic_control=control,
+            **args,
+        )
+        for control in ("none", "uniform_colour", "shuffle_labels")
+    }
+    items = {control: _synthetic_items(dm) for control, dm in modules.items()}
+    assert [it["label"] for it in items["uniform_colour"]] == [0, 1, 2, 3]
+    for item in items["uniform_colour"]:
+        image = item["image"]
+        assert image.shape == (3, 16, 16) and torch.equal(image, image[:, :1, :1].expand_as(image))
+    assert sorted(it["label"] for it in items["shuffle_labels"]) == [0, 1, 2, 3]
+    assert [it["label"] for it in items["shuffle_labels"]] != [0, 1, 2, 3]
+    for shuffled, plain in zip(items["shuffle_labels"], items["none"], strict=True):
+        assert torch.equal(shuffled["image"], plain["image"])
+    for cls in (BFFHQDataModule, DogsCatsDataModule, CCIFAR10DataModule):
+        assert cls(synthetic_control="shuffle_labels").synthetic_control == "shuffle_labels"
+        with pytest.raises(ValueError, match="synthetic_control must be one of"):
+            cls(synthetic_control="uniform")

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from diffinject.study import describe, link_shared, stages_to_run, table
+from diffinject.pipeline import Options, load_yaml, stage_config
+from diffinject.report_inputs import knobs_of
+from diffinject.study import describe, link_shared, row_of, stages_to_run, table
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stages_to_run_follows_downstream() -> None:
@@ -57,3 +61,37 @@ def test_table_rows() -> None:
     }
     text = table([row])
     assert "| v | inject.model.gamma=0.3 | 50.0 ± 10.0 | 50.0 ± 10.0 | – | – | 50.0 ± 10.0 | – |" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "control"), [("control_nodiffusion", "uniform_colour"), ("control_shuffled", "shuffle_labels")]
+)
+def test_control_variants_rerun_only_debias_and_the_table_says_so(
+    tmp_path: Path, name: str, control: str
+) -> None:
+    file = REPO / "configs" / "cmnist" / "study" / f"{name}.yaml"
+    variant = load_yaml(file)
+    assert stages_to_run(variant) == ["debias"]
+    assert describe(variant) == [f"debias.data.synthetic_control={control}"]
+    opts = Options(runs=str(tmp_path), variants=[str(file)], configs=str(REPO / "configs"))
+    config = stage_config(opts, "debias", seed=0)
+    assert config["data"]["init_args"]["synthetic_control"] == control
+    assert config["data"]["init_args"]["synthetic_manifest"].endswith("seed0/inject/manifest.csv")
+    assert config["model"]["class_path"] == "LfFClassifier"  # the default debiasing, only the data differs
+    knobs = knobs_of("debias", config)
+    assert knobs["synthetic_control"] == control
+
+    # The report measured the (linked) inject manifest, not what this row trained on: shown as n/a.
+    stat = {"mean": 0.5, "std": 0.1}
+    results = {
+        "methods": {"debias": {"test/acc": stat}},
+        "synthetic": {"summary": {"colour.conflict_rate": stat, "shape.shape_is_label": stat}},
+        "configs": {"knobs": {"debias": knobs}},
+    }
+    row = row_of(name, variant, results)
+    assert row["synthetic_control"] == control and row["synthetic_conflict_rate"] is None
+    text = table([row])
+    assert f"| debias.data.synthetic_control={control} | 50.0 ± 10.0 |" in text
+    assert text.rstrip().endswith(f"| n/a (control: {control}) | n/a (control: {control}) |")
+    plain = row_of("default", {}, {**results, "configs": {"knobs": {"debias": {"class": "LfFClassifier"}}}})
+    assert plain["synthetic_control"] is None and plain["synthetic_conflict_rate"] == stat

@@ -2,9 +2,10 @@
 
 Reads a run root `R = runs/{dataset}/{pct}` (per-seed `metrics.json`, top-K summaries, injection manifests,
 `timings.json`, every stage's `pipeline_config.yaml`) and writes `R/report/`: `results.json`,
-`results.md` (compact table first), `accuracy.png` (grouped bars, std error bars) and `samples.png`
-(style / content / synthetic). Accuracies are mean ± sample std (ddof = 1) over seeds. A stage that was not
-run shows "–"; an unreadable input raises an error naming the file.
+`results.md` (compact table first), `accuracy.png` (grouped bars, std error bars) and `samples.png` (real
+images, unconditional DDIM samples of the diffusion model, style / content / synthetic; `report_samples`).
+Accuracies are mean ± sample std (ddof = 1) over seeds. A stage that was not run shows "–"; an unreadable
+input raises an error naming the file.
 
     python -m diffinject.report runs/cmnist/1pct [--seeds 0 1 2]
 """
@@ -29,6 +30,7 @@ from diffinject.report_inputs import (
     discover_seeds,
 )
 from diffinject.report_render import accuracy_figure, compact_table, markdown
+from diffinject.report_samples import write_samples
 
 
 def json_safe(node: Any) -> Any:
@@ -99,11 +101,15 @@ def write_report(
         if last["n"]:
             results["methods"][f"{stage}/last_epoch"] = {"name": f"{name}, last epoch", **last}
     synthetic, sample = rs.collect_synthetic(root, seeds, report_dir)
-    figures: dict[str, str | None] = {"accuracy": None, "samples": None}
-    if sample is not None and len(sample[0]):
-        figures["samples"] = str(rs.samples_figure(report_dir / "samples.png", *sample))
-    else:
-        results["notes"].append("samples.png not written: no synthetic images (inject stage not run)")
+    samples, sample_notes = write_samples(report_dir / "samples.png", root, seeds, sample)
+    figures: dict[str, str | None] = {"accuracy": None, "samples": str(samples) if samples else None}
+    results["notes"] += sample_notes
+    control = results["configs"]["knobs"].get("debias", {}).get("synthetic_control")
+    if control not in (None, "none"):
+        results["notes"].append(
+            f"the debias stage trained with synthetic_control={control}: the synthetic-set measurements and "
+            "samples.png show the injection manifest's images and labels, not the control data it trained on"
+        )
     results["synthetic"] = synthetic
     accuracy = accuracy_figure(report_dir / "accuracy.png", results)
     figures["accuracy"] = str(accuracy) if accuracy else None

@@ -59,7 +59,13 @@ KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
         ("data", "label_from"),
         ("model", "mask_box"),
     ),
-    "debias": (("model", "loss"), ("model", "q"), ("model", "lr"), ("trainer", "max_epochs")),
+    "debias": (
+        ("model", "loss"),
+        ("model", "q"),
+        ("model", "lr"),
+        ("trainer", "max_epochs"),
+        ("data", "synthetic_control"),
+    ),
 }
 #: stage → sections whose every other scalar init arg is listed too (variants add their options there)
 ALL_ARGS: dict[str, tuple[str, ...]] = {"inject": ("model", "data"), "debias": ("model",)}

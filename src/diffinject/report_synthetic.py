@@ -22,7 +22,7 @@ from diffinject import analysis
 from diffinject.report_inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
 
 #: data init args that do not change which images the splits hold
-NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image")
+NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image", "synthetic_control")
 PROBE_VERSION = 1
 PIXEL_DISTANCE_SAMPLES = 512
 
@@ -228,45 +228,6 @@ def analyse_seed(
     return result
 
 
-def samples_figure(
-    path: Path, manifest: analysis.Manifest, images: np.ndarray, data: DataBundle | None, count: int = 8
-) -> Path:
-    """Columns = the first `count` samples; rows = style, content, synthetic (without data: synthetic)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch
-
-    count = min(count, len(manifest))
-    cols = manifest.columns
-    rows: list[tuple[str, np.ndarray]] = []
-    if data is not None:
-        rows.append(("style", images_at(data.train, cols["style_index"][:count])))
-        rows.append(("content", images_at(data.train, cols["content_index"][:count])))
-    rows.append(("synthetic", images[:count]))
-    is_cmnist = data is not None and data.name == "cmnist"
-    colours = analysis.estimate_colour_classes(images[:count]) if is_cmnist else None
-    fig = Figure(figsize=(1.3 * count, 1.45 * len(rows)))
-    axes = fig.subplots(len(rows), count, squeeze=False)
-    for r, (name, block) in enumerate(rows):
-        for c in range(count):
-            ax = axes[r][c]
-            picture = block[c].transpose(1, 2, 0)
-            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name)
-            if r == 0:
-                title = f"#{cols['index'][c]} y={cols['label'][c]}"
-                ax.set_title(title, fontsize=8)
-            if r == len(rows) - 1 and colours is not None:
-                mark = " ≠ y" if colours[c] != cols["label"][c] else ""
-                ax.set_xlabel(f"colour {colours[c]}{mark}", fontsize=8)
-    fig.suptitle(f"style / content / synthetic ({manifest.path.parent.parent.name})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 Sample = tuple[analysis.Manifest, np.ndarray, DataBundle | None]
 
 
@@ -274,7 +235,7 @@ def collect_synthetic(
     root: Path, seeds: Sequence[int], report_dir: Path
 ) -> tuple[dict[str, Any] | None, Sample | None]:
     """Per-seed measurements of the synthetic sets with their mean ± std, and the first seed's set (for
-    `samples_figure`); (None, None) when no seed has an injection manifest."""
+    `report_samples`); (None, None) when no seed has an injection manifest."""
     per_seed: dict[int, dict[str, Any]] = {}
     notes: list[str] = []
     data_cache: dict[str, DataBundle | None] = {}

@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffinject.data.datasets import LabeledConcatDataset, Transform, image_is_readable
 from diffinject.data.protocol import conflict_summary
-from diffinject.data.synthetic import read_synthetic_manifest, synthetic_dataset
+from diffinject.data.synthetic import (
+    SyntheticControl,
+    check_synthetic_control,
+    read_synthetic_manifest,
+    synthetic_dataset,
+)
 
 log = logging.getLogger("diffinject.data")
 
@@ -50,6 +55,9 @@ class BiasedDataModule(LightningDataModule):
             with `index = num_train_original + row` and `bias = -1`.
         on_bad_image: "error" raises on an unreadable image, naming it; "skip" drops unreadable files at setup
             and logs how many.
+        synthetic_control: "none" (default), or a control experiment on the synthetic set: "uniform_colour"
+            (every synthetic image replaced by one colour field, uniform in [0, 1]^C, labels kept) or
+            "shuffle_labels" (the manifest's labels permuted, images kept); fixed seed, rank-independent.
     """
 
     name: str = "dataset"
@@ -68,6 +76,7 @@ class BiasedDataModule(LightningDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: BadImagePolicy = "error",
+        synthetic_control: SyntheticControl = "none",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -82,6 +91,8 @@ class BiasedDataModule(LightningDataModule):
         self.seed = seed
         self.synthetic_manifest = synthetic_manifest
         self.on_bad_image: BadImagePolicy = on_bad_image
+        check_synthetic_control(synthetic_control)
+        self.synthetic_control: SyntheticControl = synthetic_control
         self.train_dataset: Dataset | None = None
         self.train_eval_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -133,8 +144,18 @@ class BiasedDataModule(LightningDataModule):
             self.image_size,
             index_offset=self.num_train_original,
             transform=self.train_transform(),
+            control=self.synthetic_control,
         )
         log.info("%s: appended %d synthetic images from %s", self.name, len(dataset), manifest.csv_path)
+        if self.synthetic_control != "none":
+            log.warning(
+                "%s: synthetic_control=%s: the synthetic set is a control (%s), not the manifest's data",
+                self.name,
+                self.synthetic_control,
+                "uniform colour fields, labels kept"
+                if self.synthetic_control == "uniform_colour"
+                else "manifest labels permuted, images kept",
+            )
         return dataset
 
     def _log_split(self, split: str, dataset: Dataset) -> None:

@@ -37,6 +37,7 @@ from diffinject.data.protocol import (
     rng_for,
     stratified_split,
 )
+from diffinject.data.synthetic import SyntheticControl
 
 log = logging.getLogger("diffinject.data")
 
@@ -178,11 +179,14 @@ class CCIFAR10DataModule(BiasedDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        synthetic_control: SyntheticControl = "none",
         val_fraction: float = 0.1,
         augment: bool = True,
         download: bool = False,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image)
+        super().__init__(
+            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+        )
         if source not in ("auto", "folder", "torchvision"):
             raise ValueError(f"source must be auto, folder or torchvision, got {source!r}")
         if not 1 <= severity <= 5:

@@ -34,6 +34,7 @@ from diffinject.data.base import BiasedDataModule
 from diffinject.data.datasets import TensorImageDataset
 from diffinject.data.folder import FolderSplits
 from diffinject.data.protocol import assign_biased, assign_uniform, parse_ratio, rng_for, stratified_split
+from diffinject.data.synthetic import SyntheticControl
 
 log = logging.getLogger("diffinject.data")
 
@@ -181,11 +182,14 @@ class CMNISTDataModule(BiasedDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        synthetic_control: SyntheticControl = "none",
         color_std: float = 0.005,
         val_fraction: float = 0.1,
         download: bool = False,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image)
+        super().__init__(
+            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+        )
         if source not in ("auto", "embedded", "torchvision", "folder"):
             raise ValueError(f"source must be auto, embedded, torchvision or folder, got {source!r}")
         if color_std < 0:

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from diffinject.data.base import BadImagePolicy, BiasedDataModule, readable_mask
 from diffinject.data.datasets import ImageFileDataset, Transform
 from diffinject.data.layout import FolderLayout, ImageRecords, check_classes, scan_images
+from diffinject.data.synthetic import SyntheticControl
 
 log = logging.getLogger("diffinject.data")
 
@@ -91,8 +92,11 @@ class FolderDataModule(BiasedDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        synthetic_control: SyntheticControl = "none",
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image)
+        super().__init__(
+            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+        )
         if image_size < 1 or num_classes < 2:
             raise ValueError(f"need image_size >= 1 and num_classes >= 2, got {image_size} and {num_classes}")
         self.name, self.pct = name, pct
@@ -146,6 +150,7 @@ class BFFHQDataModule(FolderDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        synthetic_control: SyntheticControl = "none",
     ) -> None:
         super().__init__(
             root,
@@ -161,6 +166,7 @@ class BFFHQDataModule(FolderDataModule):
             seed,
             synthetic_manifest,
             on_bad_image,
+            synthetic_control,
         )
 
 
@@ -178,6 +184,7 @@ class DogsCatsDataModule(FolderDataModule):
         seed: int = 0,
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        synthetic_control: SyntheticControl = "none",
     ) -> None:
         super().__init__(
             root,
@@ -193,4 +200,5 @@ class DogsCatsDataModule(FolderDataModule):
             seed,
             synthetic_manifest,
             on_bad_image,
+            synthetic_control,
         )

@@ -4,6 +4,11 @@ The CSV has a header with at least `index,label,path` (extra columns such as con
 content_label, style_label are kept out of the way). `path` is relative to the CSV's folder, or absolute.
 Rows are ordered by their `index` column, so a manifest merged from per-rank shards in any row order gives the
 same dataset; the item index of row r (in that order) is `index_offset + r`, and the bias is unknown (-1).
+
+Two controls (the data modules' `synthetic_control`) replace what the manifest's images or labels carry and
+keep the set's size, order and indices, deterministically (fixed seed, no dependence on rank or world size):
+`uniform_colour` serves every row as one colour field drawn uniformly from [0, 1]^C (seeded by the row's
+manifest index), labels unchanged; `shuffle_labels` permutes the manifest's labels, images unchanged.
 """
 
 from __future__ import annotations
@@ -11,13 +16,20 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from diffinject.data.datasets import ImageFileDataset, Transform
+from diffinject.data.datasets import ImageFileDataset, TensorImageDataset, Transform
 
 REQUIRED_COLUMNS = ("index", "label", "path")
 EXPECTED = "a CSV with header containing index,label,path (paths relative to the CSV's folder)"
+SyntheticControl = Literal["none", "uniform_colour", "shuffle_labels"]
+SYNTHETIC_CONTROLS: tuple[str, ...] = ("none", "uniform_colour", "shuffle_labels")
+#: the controls' fixed seed (uniform colours are drawn from (CONTROL_SEED, manifest index))
+CONTROL_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -98,18 +110,48 @@ def read_synthetic_manifest(csv_path: str | Path, num_classes: int) -> Synthetic
     )
 
 
+def check_synthetic_control(control: str) -> None:
+    if control not in SYNTHETIC_CONTROLS:
+        raise ValueError(f"synthetic_control must be one of {', '.join(SYNTHETIC_CONTROLS)}, got {control!r}")
+
+
+def shuffled_labels(labels: np.ndarray, seed: int = CONTROL_SEED) -> np.ndarray:
+    """The labels under one random permutation (fixed seed): same multiset, rows get others' labels."""
+    return np.asarray(labels)[np.random.default_rng(seed).permutation(len(labels))]
+
+
+def uniform_colour_images(
+    indices: np.ndarray, channels: int, image_size: int, seed: int = CONTROL_SEED
+) -> torch.Tensor:
+    """uint8 N×C×H×W colour fields, row r's colour uniform in [0, 1]^C from (seed, indices[r]), rounded to
+    8 bits. The pixels are an expanded view of the N×C colours, so no image-sized memory is allocated."""
+    colours = np.stack(
+        [np.random.default_rng([seed, int(i) % 2**63]).random(channels) for i in indices]
+    ).reshape(len(indices), channels)
+    colours_u8 = torch.from_numpy(np.rint(colours * 255.0).astype(np.uint8))
+    return colours_u8[:, :, None, None].expand(-1, -1, image_size, image_size)
+
+
 def synthetic_dataset(
     manifest: SyntheticManifest,
     channels: int,
     image_size: int,
     index_offset: int,
     transform: Transform | None = None,
-) -> ImageFileDataset:
-    """Synthetic images as dataset items with bias -1 and indices continuing after the real train split."""
+    control: SyntheticControl = "none",
+) -> Dataset:
+    """Synthetic images as dataset items with bias -1 and indices continuing after the real train split;
+    `control` swaps the images for uniform colour fields or permutes the labels (module doc)."""
+    check_synthetic_control(control)
+    labels = shuffled_labels(manifest.labels) if control == "shuffle_labels" else manifest.labels
+    biases = np.full(len(manifest.paths), -1, dtype=np.int64)
+    if control == "uniform_colour":
+        images = uniform_colour_images(manifest.indices, channels, image_size)
+        return TensorImageDataset(images, labels, biases, transform=transform, index_offset=index_offset)
     return ImageFileDataset(
         manifest.paths,
-        manifest.labels,
-        np.full(len(manifest.paths), -1, dtype=np.int64),
+        labels,
+        biases,
         channels=channels,
         image_size=image_size,
         transform=transform,
