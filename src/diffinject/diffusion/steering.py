@@ -30,25 +30,80 @@ def model_to_image(x: Tensor, image_size: int) -> Tensor:
     return (x + 1.0) / 2.0
 
 
+def box_blur(x: Tensor, radius: int) -> Tensor:
+    """Mean over a (2r+1)² window per channel, same size (edges averaged over the cells inside)."""
+    if radius <= 0:
+        return x
+    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+
+
+#: SSIM's stabiliser for the structure term, (0.03 · dynamic range)² / 2 with the model space's range of 2
+STRUCTURE_C = (0.03 * 2.0) ** 2 / 2.0
+
+
+def structure_similarity(x: Tensor, reference: Tensor, radius: int = 3) -> Tensor:
+    """Per-sample mean of SSIM's structure term (σ_xy + C)/(σ_x σ_y + C) over local windows and channels.
+
+    The term is a local normalised cross-correlation: it ignores each window's mean and contrast per
+    channel and scores only the pattern, so "the same structure rendered differently" scores 1. Used as
+    a content-preservation objective that leaves the appearance free to change. Range [−1, 1].
+    """
+
+    def blur(v: Tensor) -> Tensor:
+        return F.avg_pool2d(v, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+
+    mean_x, mean_r = blur(x), blur(reference)
+    var_x = (blur(x * x) - mean_x**2).clamp_min(0.0)
+    var_r = (blur(reference * reference) - mean_r**2).clamp_min(0.0)
+    cov = blur(x * reference) - mean_x * mean_r
+    s = (cov + STRUCTURE_C) / (var_x.sqrt() * var_r.sqrt() + STRUCTURE_C)
+    return s.flatten(1).mean(dim=1)
+
+
+def _rms_normalised(g: Tensor) -> Tensor:
+    return g / g.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
 def classifier_guidance_fn(
-    classifier: nn.Module, target: Tensor, image_size: int, fade: bool = True
+    classifier: nn.Module,
+    target: Tensor,
+    image_size: int,
+    fade: bool = True,
+    smooth: int = 0,
+    reference: Tensor | None = None,
+    structure_weight: float = 0.0,
 ) -> Callable[[Tensor], Tensor]:
     """x̂₀ ↦ the per-sample RMS-normalised gradient of log p(target | x̂₀), times (1 − p) when `fade`.
 
     Normalising makes the guidance scale a step size in model-space units whatever the classifier's
     gradient magnitude; the (1 − p) factor lets a sample that already shows the target stop moving, so
-    guidance does not keep pushing an adversarial direction once the attribute has changed.
+    guidance does not keep pushing an adversarial direction once the attribute has changed. `smooth` = r
+    box-blurs the gradient over (2r+1)² pixels first: a smoothness prior on the edit (a classifier's raw
+    pixel gradient also carries fine stroke templates of the target class, which would redraw the content).
+
+    With a `reference` (the content image, model space) and `structure_weight` w > 0, the direction adds
+    w · (1 − S) times the normalised gradient of `structure_similarity(x̂₀, reference)`: the classifier
+    changes what it reads while the content's local structure is pulled back, so the edit goes to the
+    attribute the classifier uses rather than redrawing the content as a template of the target class.
     """
+    if structure_weight > 0.0 and reference is None:
+        raise ValueError("classifier_guidance_fn: structure_weight > 0 needs a reference image")
 
     def grad(x0: Tensor) -> Tensor:
         x = x0.detach().requires_grad_(True)
         logits = classifier(model_to_image(x, image_size).clamp(-0.5, 1.5))
         log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.view(-1, 1).to(logits.device))
         (g,) = torch.autograd.grad(log_p.sum(), x)
-        rms = g.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-        g = g / rms
+        g = _rms_normalised(box_blur(g, smooth))
         if fade:
             g = g * (1.0 - log_p.detach().exp()).view(-1, 1, 1, 1)
+        if structure_weight > 0.0:
+            assert reference is not None
+            x = x0.detach().requires_grad_(True)
+            similarity = structure_similarity(x, reference.to(x))
+            (g_s,) = torch.autograd.grad(similarity.sum(), x)
+            fade_s = (1.0 - similarity.detach()).clamp_min(0.0).view(-1, 1, 1, 1)
+            g = g + structure_weight * fade_s * _rms_normalised(g_s)
         return g
 
     return grad

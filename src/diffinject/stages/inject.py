@@ -60,6 +60,7 @@ def validate_modes(
     inject_from: str,
     bias_model: str | None,
     guidance_scale: float,
+    guidance_smooth: int = 0,
 ) -> None:
     """The injection-mode options (see `InjectionPredictModule`), each refused with the allowed values."""
     if blend not in BLENDS:
@@ -72,6 +73,8 @@ def validate_modes(
         raise ValueError(f"start_from must be one of {list(START_FROM)}, got {start_from!r}")
     if inject_from not in INJECT_FROM:
         raise ValueError(f"inject_from must be one of {list(INJECT_FROM)}, got {inject_from!r}")
+    if guidance_smooth < 0:
+        raise ValueError(f"guidance_smooth must be >= 0 (0: raw gradient), got {guidance_smooth}")
     if guidance_scale < 0.0:
         raise ValueError(f"guidance_scale must be >= 0 (0: off), got {guidance_scale}")
     if guidance_scale > 0.0 and bias_model is None:
@@ -123,6 +126,9 @@ class InjectionPredictModule(LightningModule):
         guidance_scale: bias-model guidance on x̂₀ (0: off): steer x̂₀ towards the class the bias model assigns
             the style image, by this step size (model-space units, normalised gradient) per guided step.
         guidance_t_min, guidance_t_max: the guided steps, t_min ≤ t ≤ t_max (None: up to T).
+        guidance_smooth: box-blur radius r of the guidance gradient ((2r+1)² pixels; 0: the raw gradient).
+        guidance_structure: weight of a pull towards the content's local structure (SSIM's structure term,
+            `steering.structure_similarity`) beside the bias-model push (0: off).
     """
 
     def __init__(
@@ -147,10 +153,14 @@ class InjectionPredictModule(LightningModule):
         guidance_scale: float = 0.0,
         guidance_t_min: int = 0,
         guidance_t_max: int | None = None,
+        guidance_smooth: int = 0,
+        guidance_structure: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        validate_modes(blend, t_start, t_edit, start_from, inject_from, bias_model, guidance_scale)
+        validate_modes(
+            blend, t_start, t_edit, start_from, inject_from, bias_model, guidance_scale, guidance_smooth
+        )
         unet_dir = Path(unet)
         if not (unet_dir / "config.json").is_file() or not (unet_dir / INFO_FILENAME).is_file():
             raise FileNotFoundError(
@@ -270,7 +280,7 @@ class InjectionPredictModule(LightningModule):
         assert self._latent_pool is not None
         return self._latent_pool[slots.to(self._latent_pool.device)]
 
-    def _guidance(self, style_images: Tensor) -> Guidance | None:
+    def _guidance(self, style_images: Tensor, content_images: Tensor) -> Guidance | None:
         """Bias-model guidance towards the class the bias model assigns each style image (label-free)."""
         hp = self.hparams
         if hp.guidance_scale == 0.0:
@@ -279,7 +289,10 @@ class InjectionPredictModule(LightningModule):
         self.bias_net.to(self.device)
         with torch.no_grad():
             target = self.bias_net(style_images).argmax(dim=1)
-        grad_fn = classifier_guidance_fn(self.bias_net, target, style_images.shape[-1])
+        grad_fn = classifier_guidance_fn(
+            self.bias_net, target, style_images.shape[-1], smooth=hp.guidance_smooth,
+            reference=to_model_space(content_images, self.model_size), structure_weight=hp.guidance_structure,
+        )  # fmt: skip
         return Guidance(grad_fn, hp.guidance_scale, hp.guidance_t_min, hp.guidance_t_max)
 
     def _noise_fn(self, seeds: list[int], shape: tuple[int, ...]) -> Any:
@@ -299,17 +312,21 @@ class InjectionPredictModule(LightningModule):
         content_ids = [int(c) for c in batch["content_index"]]
         with torch.autocast(device_type=self.device.type, enabled=False):
             h_content, slots = self.content_h(content_ids, content_images)
-            style = self._invert(
-                to_model_space(style_images, self.model_size), record_h=hp.inject_from == "style"
-            )
+            style = None  # the style's inversion, only where its x_T or h is used
+            if hp.start_from != "content" or (hp.inject_from == "style" and hp.gamma > 0.0):
+                style = self._invert(
+                    to_model_space(style_images, self.model_size), record_h=hp.inject_from == "style"
+                )
             if hp.start_from == "style":
+                assert style is not None
                 latent = style.latent
             else:
                 latent = self.content_latents(slots).to(self.device)
                 if hp.start_from == "content_stats":
+                    assert style is not None
                     latent = match_channel_stats(latent, style.latent)
-            if hp.inject_from == "style":
-                assert style.h is not None
+            if hp.inject_from == "style" and hp.gamma > 0.0:
+                assert style is not None and style.h is not None
                 h_content, slots = style.h, None
             mask = None
             if hp.mask_box is not None:
@@ -324,7 +341,7 @@ class InjectionPredictModule(LightningModule):
             with self._autocast(hp.autocast):
                 x = ddim_generate(
                     self.unet, latent, self.alphas_cumprod, self.timesteps, t_boost=hp.t_boost, noise=noise,
-                    injection=injection, guidance=self._guidance(style_images),
+                    injection=injection, guidance=self._guidance(style_images, content_images),
                     shared_encoder=hp.shared_encoder,
                 )  # fmt: skip
         return from_model_space(x.float(), orig_size)
