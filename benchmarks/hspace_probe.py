@@ -28,6 +28,7 @@ import torch
 
 from diffinject import analysis
 from diffinject.data import CMNISTDataModule
+from diffinject.injection_check import injection_check
 from diffinject.stages.inject import InjectionPredictModule
 
 
@@ -86,6 +87,7 @@ def main() -> None:
         {"gamma": g, "t_edit": te, "t_boost": tb, "inject_every": k}
         for g, te, tb, k in itertools.product(args.gammas, args.t_edits, args.t_boosts, args.every)
     ]
+    rows = []
     for setting in settings:
         options = {"steps": args.steps, **setting}
         if args.bias is not None:
@@ -96,7 +98,40 @@ def main() -> None:
             synthetic = module.inject(batch).numpy()
         row = {"setting": setting, **probe_row(synthetic, probe, content, style, labels, biases)}
         row["seconds"] = round(time.perf_counter() - start, 1)
+        if module.bias_net is not None:  # the label-free check on the same images, for the ranking below
+            check = injection_check(
+                module.bias_net, module.unet, torch.from_numpy(synthetic), images[content], images[style],
+                module.model_size,
+            )  # fmt: skip
+            row.update({f"check {k}": check[k] for k in CHECK_KEYS})
+        rows.append(row)
         print(json.dumps(row), flush=True)
+    if len(rows) > 2 and "check moved_and_retained" in rows[0]:
+        target = [r["content shape + style colour"] for r in rows]
+        ranks = {k: spearman([r[f"check {k}"] for r in rows], target) for k in CHECK_KEYS}
+        print(json.dumps({"spearman vs content shape + style colour": ranks}), flush=True)
+
+
+#: the label-free check's figures reported beside the probe's
+CHECK_KEYS = ("bias_moved", "content_retention", "moved_and_retained")
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(v: list[float]) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        values = np.asarray(v)
+        for x in np.unique(values):
+            r[values == x] = r[values == x].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,12 @@ from diffinject.diffusion import (
     to_model_space,
 )
 from diffinject.diffusion.hspace import adain_inject
-from diffinject.diffusion.steering import classifier_guidance_fn, match_channel_stats, model_to_image
+from diffinject.diffusion.steering import (
+    classifier_guidance_fn,
+    match_channel_stats,
+    model_to_image,
+    structure_similarity,
+)
 from diffinject.nets import build_classifier
 from diffinject.stages import InjectionPredictModule
 from inject_helpers import train_tiny_unet, write_unet_export
@@ -95,6 +100,8 @@ def test_guided_step_matches_the_hand_formula() -> None:
     eps1 = 0.5 * x1
     expected = (x1 - math.sqrt(1 - a_prev) * eps1) / math.sqrt(a_prev)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # as Lightning's predict runs it
+        torch.testing.assert_close(ddim_generate(_ConstEps(), x, abar, grid, guidance=guidance), out)
     unguided = ddim_generate(_ConstEps(), x, abar, grid)
     off = ddim_generate(_ConstEps(), x, abar, grid, guidance=Guidance(lambda x0: direction, scale=0.0))
     torch.testing.assert_close(off, unguided)
@@ -116,9 +123,40 @@ def test_classifier_guidance_ascends_log_probability() -> None:
         return torch.log_softmax(logits, 1).gather(1, target.view(-1, 1)).squeeze(1)
 
     assert bool((log_p(x0 + 0.01 * grad) > log_p(x0)).all())
+    with torch.inference_mode():  # inputs made under inference mode (Lightning's predict) still work
+        x_inf, target_inf = x0.clone(), target.clone()
+    with torch.inference_mode(False), torch.enable_grad():
+        torch.testing.assert_close(classifier_guidance_fn(net, target_inf, 28, fade=False)(x_inf), grad)
     faded = classifier_guidance_fn(net, target, 28, fade=True)(x0)
     p = log_p(x0).exp().view(-1, 1, 1, 1)
     torch.testing.assert_close(faded, grad * (1 - p), atol=1e-5, rtol=1e-4)
+
+
+def test_structure_similarity_ignores_appearance_and_sees_structure() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    gain = torch.tensor([0.5, 2.0, 1.0]).view(1, 3, 1, 1)
+    # the same pattern with another per-channel gain and offset ("rendered differently") scores ~1
+    assert bool((structure_similarity(x * gain + 0.3, x) > 0.98).all())
+    other = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    assert bool((structure_similarity(other, x) < 0.3).all())
+    assert bool((structure_similarity(-x, x) < -0.9).all())
+
+
+def test_structure_term_pulls_towards_the_reference() -> None:
+    torch.manual_seed(0)
+    net = build_classifier("mlp", 10, 3, 28, pretrained=False).eval()
+    reference = torch.rand(2, 3, 28, 28) * 2 - 1
+    x0 = reference + 0.5 * torch.randn(2, 3, 28, 28)
+    target = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="needs a reference"):
+        classifier_guidance_fn(net, target, 28, structure_weight=1.0)
+    plain = classifier_guidance_fn(net, target, 28)(x0)
+    pulled = classifier_guidance_fn(net, target, 28, reference=reference, structure_weight=5.0)(x0)
+    step = 0.05
+    before = structure_similarity(x0, reference)
+    assert bool((structure_similarity(x0 + step * pulled, reference) > before).all())
+    assert (pulled - plain).abs().mean() > 0.1
 
 
 # ------------------------------------------------------------------------------------------ inject stage
@@ -200,6 +238,7 @@ def test_bias_guidance_moves_the_bias_models_prediction(setup: dict) -> None:
         ({"inject_from": "both"}, "inject_from must be one of"),
         ({"guidance_scale": 0.5}, "needs bias_model"),
         ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"guidance_smooth": -1}, "guidance_smooth must be >= 0"),
     ],
 )
 def test_mode_options_are_validated(setup: dict, kwargs: dict, match: str) -> None:

@@ -192,6 +192,33 @@ def shape_stats(
     return stats
 
 
+def recombination_stats(
+    shape: np.ndarray,
+    colour: np.ndarray,
+    content_labels: np.ndarray | None,
+    style_labels: np.ndarray | None,
+    content_bias: np.ndarray | None,
+    style_bias: np.ndarray | None,
+    label_from: str | None,
+) -> dict[str, float | None]:
+    """How often an image is a *new combination*: one image's digit in the other image's colour.
+
+    `recombination` is the one the label rule asks for (content's digit + style's colour when the label is the
+    content's, the reverse when it is the style's); both directions are reported. None where inputs lack.
+    """
+    if any(v is None for v in (content_labels, style_labels, content_bias, style_bias)):
+        return {"content_shape_style_colour": None, "style_shape_content_colour": None, "recombination": None}
+    shape, colour = np.asarray(shape), np.asarray(colour)
+    forward = float(((shape == content_labels) & (colour == style_bias)).mean())
+    reverse = float(((shape == style_labels) & (colour == content_bias)).mean())
+    chosen = {"content": forward, "style": reverse}.get(label_from or "")
+    return {
+        "content_shape_style_colour": forward,
+        "style_shape_content_colour": reverse,
+        "recombination": chosen,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- diversity
 def effective_number(indices: np.ndarray) -> float:
     """exp(entropy) of the usage distribution: how many items are used, counting uneven use fairly."""

@@ -50,6 +50,11 @@ def compact_table(results: dict[str, Any]) -> str:
             text += f"; measured conflict rate (colour ≠ label): {pct(summary['colour.conflict_rate'])} %"
             if summary.get("shape.shape_is_label"):
                 text += f"; keeps the label's shape: {pct(summary['shape.shape_is_label'])} %"
+            if summary.get("recombination.recombination"):
+                text += (
+                    "; new combinations (one image's digit in the other's colour, as the label rule asks): "
+                    f"{pct(summary['recombination.recombination'])} %"
+                )
         elif summary.get("nominal.nominal_conflict_rate"):
             text += f"; nominal conflict rate: {pct(summary['nominal.nominal_conflict_rate'])} %"
         lines.append(text)

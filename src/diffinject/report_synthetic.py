@@ -225,6 +225,10 @@ def analyse_seed(
     if probe is not None:
         predicted = analysis.probe_predict(probe, analysis.shape_gray(images))
         result["shape"] = analysis.shape_stats(predicted, labels, cols["content_label"], cols["style_label"])
+        result["recombination"] = analysis.recombination_stats(
+            predicted, estimated, cols["content_label"], cols["style_label"], cols["content_bias"],
+            cols["style_bias"], label_from,
+        )  # fmt: skip
     return result
 
 

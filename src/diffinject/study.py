@@ -104,11 +104,13 @@ def row_of(name: str, variant: dict[str, Any], results: dict[str, Any]) -> dict[
         "topk_precision": (results.get("topk") or {}).get("precision"),
         "synthetic_conflict_rate": synthetic.get("colour.conflict_rate"),
         "synthetic_shape_is_label": synthetic.get("shape.shape_is_label"),
+        "synthetic_recombination": synthetic.get("recombination.recombination"),
         "synthetic_control": control,
     }
     if control is not None:
         # The report measures the inject manifest's images and labels; a control trained on something else.
         row["synthetic_conflict_rate"] = row["synthetic_shape_is_label"] = None
+        row["synthetic_recombination"] = None
     return row
 
 
@@ -128,16 +130,19 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """One row per variant; accuracies of the debias stage (best-val checkpoint and last epoch) in %."""
     header = [
         "variant", "overrides", "DiffInject overall", "conflicting", "overall, last epoch",
-        "top-K precision", "synthetic conflict rate", "synthetic shape = label",
+        "top-K precision", "synthetic conflict rate", "synthetic shape = label", "recombinations",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         debias = row["methods"].get("debias") or {}
         last = row["methods"].get("debias/last_epoch") or {}
         control = row.get("synthetic_control")
-        measured = [_pct(row["synthetic_conflict_rate"]), _pct(row["synthetic_shape_is_label"])]
+        measured = [
+            _pct(row["synthetic_conflict_rate"]), _pct(row["synthetic_shape_is_label"]),
+            _pct(row.get("synthetic_recombination")),
+        ]  # fmt: skip
         if control:  # the synthetic-set columns measure the manifest, not the control's training data
-            measured = [f"n/a (control: {control})"] * 2
+            measured = [f"n/a (control: {control})"] * 3
         cells = [
             row["variant"], "<br>".join(row["overrides"]), _pct(debias.get("test/acc")),
             _pct(debias.get("test/acc_conflicting")), _pct(last.get("test/acc")), _pct(row["topk_precision"]),

@@ -245,8 +245,10 @@ def _injected_eps(
 def _guided_eps(x: Tensor, eps_x0: Tensor, abar_t: float, guidance: Guidance) -> Tensor:
     """ε consistent with x̂₀ + scale · grad(x̂₀): what x̂₀ would be if the model had predicted the push."""
     x0 = (x - math.sqrt(1.0 - abar_t) * eps_x0) / math.sqrt(abar_t)
-    with torch.enable_grad():
-        direction = guidance.grad_fn(x0.detach()).to(x.dtype)
+    # Lightning predicts under inference mode, where autograd is off even inside enable_grad(): leave it for
+    # the gradient (grad_fn clones what it differentiates, so no inference tensor is saved for backward).
+    with torch.inference_mode(False), torch.enable_grad():
+        direction = guidance.grad_fn(x0.detach().clone()).to(x.dtype)
     x0 = x0 + guidance.scale * direction
     return (x - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
 

@@ -90,17 +90,19 @@ def classifier_guidance_fn(
         raise ValueError("classifier_guidance_fn: structure_weight > 0 needs a reference image")
 
     def grad(x0: Tensor) -> Tensor:
-        x = x0.detach().requires_grad_(True)
+        # clones: tensors made under inference mode (Lightning's predict) cannot take part in autograd
+        x = x0.detach().clone().requires_grad_(True)
         logits = classifier(model_to_image(x, image_size).clamp(-0.5, 1.5))
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.view(-1, 1).to(logits.device))
+        index = target.clone().view(-1, 1).to(logits.device)
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, index)
         (g,) = torch.autograd.grad(log_p.sum(), x)
         g = _rms_normalised(box_blur(g, smooth))
         if fade:
             g = g * (1.0 - log_p.detach().exp()).view(-1, 1, 1, 1)
         if structure_weight > 0.0:
             assert reference is not None
-            x = x0.detach().requires_grad_(True)
-            similarity = structure_similarity(x, reference.to(x))
+            x = x0.detach().clone().requires_grad_(True)
+            similarity = structure_similarity(x, reference.clone().to(x))
             (g_s,) = torch.autograd.grad(similarity.sum(), x)
             fade_s = (1.0 - similarity.detach()).clamp_min(0.0).view(-1, 1, 1, 1)
             g = g + structure_weight * fade_s * _rms_normalised(g_s)

@@ -129,6 +129,7 @@ class InjectionPredictModule(LightningModule):
         guidance_smooth: box-blur radius r of the guidance gradient ((2r+1)² pixels; 0: the raw gradient).
         guidance_structure: weight of a pull towards the content's local structure (SSIM's structure term,
             `steering.structure_similarity`) beside the bias-model push (0: off).
+        guidance_fade: scale the push by (1 − p) so it stops once the bias model reads the style's class.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class InjectionPredictModule(LightningModule):
         guidance_t_max: int | None = None,
         guidance_smooth: int = 0,
         guidance_structure: float = 0.0,
+        guidance_fade: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -290,7 +292,7 @@ class InjectionPredictModule(LightningModule):
         with torch.no_grad():
             target = self.bias_net(style_images).argmax(dim=1)
         grad_fn = classifier_guidance_fn(
-            self.bias_net, target, style_images.shape[-1], smooth=hp.guidance_smooth,
+            self.bias_net, target, style_images.shape[-1], fade=hp.guidance_fade, smooth=hp.guidance_smooth,
             reference=to_model_space(content_images, self.model_size), structure_weight=hp.guidance_structure,
         )  # fmt: skip
         return Guidance(grad_fn, hp.guidance_scale, hp.guidance_t_min, hp.guidance_t_max)
