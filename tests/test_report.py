@@ -198,6 +198,11 @@ def test_synthetic_measurements_match_construction(report: dict[str, Any]) -> No
     # The digit is the content's: the probe reads the label, not the style's label.
     assert seed0["shape"]["shape_is_label"] >= 0.9
     assert seed0["shape"]["shape_is_style_label"] <= 0.1
+    # content digit + style colour: the 8 of 12 whose style colour differs from the content's, read as such
+    recombination = seed0["recombination"]
+    assert recombination["content_shape_style_colour"] == pytest.approx(8 / 12, abs=1.5 / 12)
+    assert recombination["recombination"] == recombination["content_shape_style_colour"]
+    assert recombination["style_shape_content_colour"] <= 1 / 12
     assert synthetic["probe"]["test_acc"] >= 0.85
     # Nominal rate (style colour ≠ label) claims every sample conflicts; the images say 8 of 12.
     assert seed0["nominal"]["nominal_conflict_rate"] == 1.0
@@ -254,6 +259,23 @@ def test_colour_stats_known_answer() -> None:
     assert stats["colour_is_content_colour"] == 0.75 and stats["colour_is_style_colour"] is None
     black = np.zeros((1, 3, 8, 8), dtype=np.uint8)
     assert analysis.estimate_colour_classes(black).tolist() == [-1]
+
+
+def test_recombination_stats_known_answer() -> None:
+    shape, colour = np.array([1, 1, 2, 3]), np.array([5, 1, 6, 3])
+    content_label, style_label = np.array([1, 1, 2, 9]), np.array([5, 7, 6, 3])
+    content_bias, style_bias = np.array([1, 1, 2, 3]), np.array([5, 7, 6, 4])
+    args = (shape, colour, content_label, style_label, content_bias, style_bias)
+    forward = analysis.recombination_stats(*args, "content")
+    assert forward["content_shape_style_colour"] == 0.5 and forward["recombination"] == 0.5
+    assert (
+        forward["style_shape_content_colour"] == 0.25
+    )  # sample 3: the style's digit in the content's colour
+    assert analysis.recombination_stats(*args, "style")["recombination"] == 0.25
+    assert (
+        analysis.recombination_stats(shape, colour, None, style_label, None, None, "content")["recombination"]
+        is None
+    )
 
 
 def test_diversity_and_nominal() -> None:
