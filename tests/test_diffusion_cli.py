@@ -79,7 +79,7 @@ def test_cli_fit_writes_unet_grid_and_resumes(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 3
     unet, info = load_unet_export(run / "unet")
     assert info["global_step"] == 3 and info["unet_preset"] == "cmnist-small" and info["image_size"] == 28
-    assert unet.config.sample_size == 32
+    assert unet.config.sample_size == 28 and info["model_size"] == 28  # native 28 px, no padding
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
 
     events = sorted(run.glob("events.out.tfevents.*"))
