@@ -30,6 +30,7 @@ from diffinject import analysis
 from diffinject.data import CMNISTDataModule
 from diffinject.injection_check import injection_check
 from diffinject.stages.inject import InjectionPredictModule
+from injection_check_rank import spearman  # the sibling benchmark (this folder is on sys.path)
 
 
 def probe_row(synthetic: np.ndarray, probe, content, style, labels, biases) -> dict[str, float]:
@@ -114,24 +115,6 @@ def main() -> None:
 
 #: the label-free check's figures reported beside the probe's
 CHECK_KEYS = ("bias_moved", "content_retention", "moved_and_retained")
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def ranks(v: list[float]) -> np.ndarray:
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        values = np.asarray(v)
-        for x in np.unique(values):
-            r[values == x] = r[values == x].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ def to_model_space(images: Tensor, size: int) -> Tensor:
     return x
 
 
-def from_model_space(x: Tensor, orig_size: int) -> Tensor:
-    """Inverse of `to_model_space`: [-1, 1] B×C×S×S → [0, 1] B×C×orig×orig (crop or resize back), clamped."""
+def from_model_space(x: Tensor, orig_size: int, clamp: bool = True) -> Tensor:
+    """Inverse of `to_model_space`: [-1, 1] B×C×S×S → [0, 1] B×C×orig×orig (crop or resize back), clamped.
+
+    `clamp=False` keeps values outside [0, 1] (and their gradient), e.g. for guidance on x̂₀.
+    """
     _check(x, "from_model_space")
     size = x.shape[-1]
     if orig_size < size:
@@ -50,4 +53,5 @@ def from_model_space(x: Tensor, orig_size: int) -> Tensor:
         x = x[..., before : before + orig_size, before : before + orig_size]
     elif orig_size > size:
         x = F.interpolate(x, size=(orig_size, orig_size), mode="bilinear", align_corners=False)
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    x = (x + 1.0) / 2.0
+    return x.clamp(0.0, 1.0) if clamp else x

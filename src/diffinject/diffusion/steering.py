@@ -18,16 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffinject.diffusion.preprocess import from_model_space
+
 
 def model_to_image(x: Tensor, image_size: int) -> Tensor:
-    """Model space [-1, 1] → image space [0, 1] at `image_size`, differentiable (crop/resize, no clamp)."""
-    size = x.shape[-1]
-    if image_size < size:
-        before = (size - image_size) // 2
-        x = x[..., before : before + image_size, before : before + image_size]
-    elif image_size > size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return (x + 1.0) / 2.0
+    """Model space → image space at `image_size`, differentiable and unclamped (`from_model_space`)."""
+    return from_model_space(x, image_size, clamp=False)
 
 
 def box_blur(x: Tensor, radius: int) -> Tensor:
@@ -50,7 +46,7 @@ def structure_similarity(x: Tensor, reference: Tensor, radius: int = 3) -> Tenso
     """
 
     def blur(v: Tensor) -> Tensor:
-        return F.avg_pool2d(v, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+        return box_blur(v, radius)
 
     mean_x, mean_r = blur(x), blur(reference)
     var_x = (blur(x * x) - mean_x**2).clamp_min(0.0)

@@ -239,10 +239,11 @@ class InjectionPredictModule(LightningModule):
                 shared_encoder=self.hparams.shared_encoder,
             )  # fmt: skip
 
-    def content_h(self, content_ids: list[int], content_images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(h, slots) for `Injection`: the cached pool [P, S, C, h, w] and each sample's slot in it.
-
-        The content's inverted x_T is cached beside its h (`content_latents` reads it).
+    def content_h(
+        self, content_ids: list[int], content_images: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(h, slots, x_T): the cached h pool [P, S, C, h, w], each sample's slot in it, and each sample's
+        inverted x_T [B, C, H, W] (cached beside its h, for generations that start from the content).
 
         Each content image is inverted once, the first time a batch needs it; its h trajectory is kept in
         fp32 on the module's device for every later pair. With `cache_content=False` every pair's content
@@ -251,8 +252,7 @@ class InjectionPredictModule(LightningModule):
         if not self.hparams.cache_content:
             inversion = self._invert(to_model_space(content_images, self.model_size), record_h=True)
             assert inversion.h is not None
-            self._uncached_latents = inversion.latent
-            return inversion.h, None
+            return inversion.h, None, inversion.latent
         first_position: dict[int, int] = {}
         for position, cid in enumerate(content_ids):
             if cid not in self._h_slot and cid not in first_position:
@@ -272,15 +272,9 @@ class InjectionPredictModule(LightningModule):
             )
             self._h_slot.update({cid: start + j for j, cid in enumerate(new_ids)})
         assert self._h_pool is not None
-        slots = torch.tensor([self._h_slot[c] for c in content_ids], device=self._h_pool.device)
-        return self._h_pool, slots
-
-    def content_latents(self, slots: Tensor | None) -> Tensor:
-        """The contents' inverted x_T for the batch `content_h` just served (cached pool or this batch's)."""
-        if slots is None:
-            return self._uncached_latents
         assert self._latent_pool is not None
-        return self._latent_pool[slots.to(self._latent_pool.device)]
+        slots = torch.tensor([self._h_slot[c] for c in content_ids], device=self._h_pool.device)
+        return self._h_pool, slots, self._latent_pool[slots.to(self._latent_pool.device)]
 
     def _guidance(self, style_images: Tensor, content_images: Tensor) -> Guidance | None:
         """Bias-model guidance towards the class the bias model assigns each style image (label-free)."""
@@ -313,7 +307,7 @@ class InjectionPredictModule(LightningModule):
         orig_size = style_images.shape[-1]
         content_ids = [int(c) for c in batch["content_index"]]
         with torch.autocast(device_type=self.device.type, enabled=False):
-            h_content, slots = self.content_h(content_ids, content_images)
+            h_content, slots, content_latent = self.content_h(content_ids, content_images)
             style = None  # the style's inversion, only where its x_T or h is used
             if hp.start_from != "content" or (hp.inject_from == "style" and hp.gamma > 0.0):
                 style = self._invert(
@@ -323,7 +317,7 @@ class InjectionPredictModule(LightningModule):
                 assert style is not None
                 latent = style.latent
             else:
-                latent = self.content_latents(slots).to(self.device)
+                latent = content_latent.to(self.device)
                 if hp.start_from == "content_stats":
                     assert style is not None
                     latent = match_channel_stats(latent, style.latent)
