@@ -63,7 +63,7 @@ DATA_ROOT ?= data
 # Intra-op threads per process: on a small shared CPU one thread is several times faster than oversubscribing.
 CPU_THREADS ?= 1
 PIPELINE_ARGS ?=
-PIPELINE = OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.pipeline --dataset $(DATASET) --pct $(PCT) \
+PIPELINE = OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.pipeline --dataset $(DATASET) --pct $(PCT) \
 	--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) --data-root $(DATA_ROOT) \
 	$(if $(DEVICES),--devices $(DEVICES)) $(PIPELINE_ARGS)
 
@@ -88,7 +88,7 @@ STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
 .PHONY: study
 study: $(STAMP) ## Ablation table: base pipeline + one run per configs/$(DATASET)/study/*.yaml (~2 h on 2 CPU cores; STUDY_VARIANTS=...)
 	$(PIPELINE)
-	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.study --dataset $(DATASET) --pct $(PCT) \
+	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.study --dataset $(DATASET) --pct $(PCT) \
 		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) -- $(STUDY_VARIANTS)
 
 .PHONY: bench

@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
-from diffinject import analysis
 from diffinject.data import CMNISTDataModule
 from diffinject.injection_check import injection_check
+from diffinject.report import analysis
 from diffinject.stages.inject import InjectionPredictModule
 from injection_check_rank import spearman  # the sibling benchmark (this folder is on sys.path)
 

@@ -3,7 +3,7 @@
 For each finished inject folder (e.g. the study variants' `runs/study/<variant>/cmnist/1pct/seed0/inject`)
 it prints one JSON line with the check's figures and, for CMNIST, the probe's figures on the same samples
 (the first n rows by index, n = the check's): the colour estimator and the colour-free shape probe of
-`diffinject.analysis` (as `benchmarks/hspace_probe.py` uses them); bias labels are read here only to
+`diffinject.report.analysis` (as `benchmarks/hspace_probe.py` uses them); bias labels are read here only to
 validate. The last line holds the Spearman rank correlations across folders between the check's figures and
 the probe's "content shape + style colour" rate (and component-wise: bias moved vs colour = style,
 retention vs shape = content).
@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffinject import analysis
 from diffinject.callbacks.injection_check import CHECK_FILENAME, check_folder
 from diffinject.injection_check import DEFAULT_FEATURE_T
 from diffinject.nets.unet import load_unet_export
-from diffinject.report_inputs import read_yaml, stage_config_path
-from diffinject.report_synthetic import DataBundle, build_data, images_at, labels_of, source_data_section
+from diffinject.report import analysis
+from diffinject.report.inputs import read_yaml, stage_config_path
+from diffinject.report.synthetic import DataBundle, build_data, images_at, labels_of, source_data_section
 from diffinject.stages.weights import load_classifier_checkpoint
 
 PROBE_TARGET = "content shape + style colour"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from diffinject import pipeline
-from diffinject.pipeline import Options, deep_merge, path_mover, pct_to_ratio, plan, stage_config
+from diffinject.workflow import pipeline
+from diffinject.workflow.pipeline import Options, deep_merge, path_mover, pct_to_ratio, plan, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 

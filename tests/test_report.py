@@ -12,12 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from diffinject import analysis
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS, colorize
-from diffinject.report import json_safe, main, write_report
-from diffinject.report_inputs import collect_method, collect_timings, knobs_of
-from diffinject.report_render import percent_of
+from diffinject.report import analysis, json_safe, main, write_report
+from diffinject.report.inputs import collect_method, collect_timings, knobs_of
+from diffinject.report.render import percent_of
 
 METRICS = {  # stage → per-seed (overall, aligned, conflicting, worst-group, val acc)
     "vanilla": [(0.40, 0.99, 0.33, 0.00, 0.97), (0.44, 1.00, 0.38, 0.10, 0.98)],

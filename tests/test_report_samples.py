@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from diffinject.report import write_report
-from diffinject.report_samples import NUM_UNCONDITIONAL, unconditional_samples
+from diffinject.report.samples import NUM_UNCONDITIONAL, unconditional_samples
 from inject_helpers import tiny_unet, write_unet_export
 from test_report import run_root  # noqa: F401 - the report tests' tiny run (fixture)
 

@@ -12,10 +12,10 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from diffinject import analysis
 from diffinject.callbacks import SampleQualityMonitor
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS
+from diffinject.report import analysis
 from diffinject.sample_quality import (
     frechet_distance,
     generator_quality,

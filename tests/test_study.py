@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from diffinject.pipeline import Options, load_yaml, stage_config
-from diffinject.report_inputs import knobs_of
-from diffinject.study import describe, link_shared, row_of, stages_to_run, table
+from diffinject.report.inputs import knobs_of
+from diffinject.workflow.pipeline import Options, load_yaml, stage_config
+from diffinject.workflow.study import describe, link_shared, row_of, stages_to_run, table
 
 REPO = Path(__file__).resolve().parents[1]
 

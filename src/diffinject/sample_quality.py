@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffinject import analysis
 from diffinject.data.cmnist import LFF_COLORS
 from diffinject.diffusion import ddim_generate, ddim_timesteps, from_model_space
+from diffinject.report import analysis
 
 #: a digit is recognised when the probe's max softmax probability reaches this
 RECOGNISED_THRESHOLD = 0.9

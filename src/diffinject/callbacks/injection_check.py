@@ -26,9 +26,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from diffinject.analysis import load_images
 from diffinject.callbacks.synthetic_writer import collect_rows
 from diffinject.injection_check import DEFAULT_FEATURE_T, injection_check
+from diffinject.report.analysis import load_images
 from diffinject.stages.weights import load_classifier_checkpoint
 
 CHECK_FILENAME = "injection_check.json"

@@ -8,7 +8,7 @@ table (`{runs}/study/{dataset}-{pct}.md|json`) has one row per variant: its over
 (mean ± std over seeds), top-K precision and the synthetic set's measured conflict rate ("n/a" for a
 `synthetic_control` row: the measurements read the inject manifest, not the control's training data).
 
-    python -m diffinject.study --dataset cmnist --pct 1pct --seeds 0 1 2 configs/cmnist/study/*.yaml
+    python -m diffinject.workflow.study --dataset cmnist --pct 1pct --seeds 0 1 2 configs/cmnist/study/*.yaml
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffinject import pipeline
-from diffinject.pipeline import load_yaml
 from diffinject.report import write_report
+from diffinject.workflow import pipeline
+from diffinject.workflow.pipeline import load_yaml
 
 #: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
 DOWNSTREAM = {
@@ -154,7 +154,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     description = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m diffinject.study", description=description)
+    parser = argparse.ArgumentParser(prog="python -m diffinject.workflow.study", description=description)
     parser.add_argument("variants", nargs="+", help="variant YAML files")
     parser.add_argument("--dataset", default="cmnist")
     parser.add_argument("--pct", default="1pct")

@@ -2,7 +2,7 @@
 
 The data module is rebuilt from the config a stage ran (`pipeline_config.yaml`, or Lightning's `config.yaml`),
 so training images can be read by the manifest's content/style indices. Measurements live in
-`diffinject.analysis`; this module feeds them and caches the shape probe under `{root}/report/`.
+`diffinject.report.analysis`; this module feeds them and caches the shape probe under `{root}/report/`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffinject import analysis
-from diffinject.report_inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
+from diffinject.report import analysis
+from diffinject.report.inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
 
 #: data init args that do not change which images the splits hold
 NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image", "synthetic_control")
@@ -239,7 +239,7 @@ def collect_synthetic(
     root: Path, seeds: Sequence[int], report_dir: Path
 ) -> tuple[dict[str, Any] | None, Sample | None]:
     """Per-seed measurements of the synthetic sets with their mean ± std, and the first seed's set (for
-    `report_samples`); (None, None) when no seed has an injection manifest."""
+    `report.samples`); (None, None) when no seed has an injection manifest."""
     per_seed: dict[int, dict[str, Any]] = {}
     notes: list[str] = []
     data_cache: dict[str, DataBundle | None] = {}

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffinject import analysis
-from diffinject import report_synthetic as rs
+from diffinject.report import analysis
+from diffinject.report import synthetic as rs
 
 COLUMNS = 8
 NUM_UNCONDITIONAL = 16

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from diffinject.report_inputs import COLUMNS, COMPARED, METHODS, numeric_leaves
+from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, numeric_leaves
 
 STD_NOTE = "mean ± sample std (ddof = 1) over seeds"
 

@@ -3,7 +3,7 @@
 Reads a run root `R = runs/{dataset}/{pct}` (per-seed `metrics.json`, top-K summaries, injection manifests,
 `timings.json`, every stage's `pipeline_config.yaml`) and writes `R/report/`: `results.json`,
 `results.md` (compact table first), `accuracy.png` (grouped bars, std error bars) and `samples.png` (real
-images, unconditional DDIM samples of the diffusion model, style / content / synthetic; `report_samples`).
+images, unconditional DDIM samples of the diffusion model, style / content / synthetic; `report.samples`).
 Accuracies are mean ± sample std (ddof = 1) over seeds. A stage that was not run shows "–"; an unreadable
 input raises an error naming the file.
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffinject import report_synthetic as rs
-from diffinject.report_inputs import (
+from diffinject.report import synthetic as rs
+from diffinject.report.inputs import (
     METHODS,
     collect_configs,
     collect_method,
@@ -29,8 +29,8 @@ from diffinject.report_inputs import (
     collect_topk,
     discover_seeds,
 )
-from diffinject.report_render import accuracy_figure, compact_table, markdown
-from diffinject.report_samples import write_samples
+from diffinject.report.render import accuracy_figure, compact_table, markdown
+from diffinject.report.samples import write_samples
 
 
 def json_safe(node: Any) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from diffinject.runner import CONFIG_NAME, Step, run_steps
+from diffinject.workflow.runner import CONFIG_NAME, Step, run_steps
 
 DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
 PROFILES = ("smoke", "quick", "paper")
@@ -260,7 +260,7 @@ def plan(opts: Options) -> list[Step]:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]:
     parser = argparse.ArgumentParser(
-        prog="python -m diffinject.pipeline", description=__doc__.split("\n\n")[0]
+        prog="python -m diffinject.workflow.pipeline", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--dataset", default="cmnist", choices=DATASETS)
     parser.add_argument(

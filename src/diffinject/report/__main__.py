@@ -1,0 +1,3 @@
+from diffinject.report.write import main
+
+main()
