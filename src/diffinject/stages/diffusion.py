@@ -7,6 +7,15 @@ is read, mapped to the model space by `to_model_space` (values to [-1, 1], 28 px
 The EMA UNet is a frozen submodule, so it lives in every checkpoint and a resumed run continues it
 exactly; it is what the sample grids use and what `on_fit_end` exports (`save_pretrained`, atomic) with a
 `diffusion_info.json` describing preprocessing and schedule for the injection stage.
+
+`init_from` (a folder or a cached hub id, see `nets/pretrained.py`) fine-tunes a pretrained UNet instead of
+a fresh preset: both the UNet and its EMA start from the loaded weights, the architecture (and so
+`model_size`) comes from its config, its schedule is checked against this module's, and the export records
+the source. The EMA then runs at the full `ema_decay` from step 0 (no warm-up: the loaded weights are
+already a good average, usually an EMA themselves, and a warm-up would swap them for the first noisy
+fine-tuning steps). A learned-variance UNet (out_channels = 2·in_channels, e.g. a converted ADM model) is
+trained on its ε channels only; its variance channels get no loss, so the exported variance head is stale
+(DDIM ignores it).
 """
 
 from __future__ import annotations
@@ -18,23 +27,24 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from diffinject.callbacks.samples import log_image_grid
 from diffinject.diffusion.ddim import ddim_generate
 from diffinject.diffusion.preprocess import PREPROCESS_RULE, from_model_space, to_model_space
 from diffinject.diffusion.schedule import ddim_timesteps, linear_alphas_cumprod, p2_weights
+from diffinject.nets.pretrained import check_architecture, check_schedule, load_pretrained
 from diffinject.nets.unet import build_unet, get_preset, save_unet_export
 
 
-def ema_decay_at(step: int, max_decay: float) -> float:
-    """EMA decay after `step` optimiser steps: min(max_decay, (1+step)/(10+step)).
+def ema_decay_at(step: int, max_decay: float, warmup: bool = True) -> float:
+    """EMA decay after `step` optimiser steps: min(max_decay, (1+step)/(10+step)); max_decay if no warm-up.
 
-    The warm-up keeps short runs useful: with a fixed 0.9999 a few thousand steps would leave the EMA
-    almost at the random initialisation.
+    The warm-up keeps short runs from scratch useful: with a fixed 0.9999 a few thousand steps would leave
+    the EMA almost at the random initialisation. A pretrained start skips it (module docstring).
     """
-    return min(max_decay, (1.0 + step) / (10.0 + step))
+    return min(max_decay, (1.0 + step) / (10.0 + step)) if warmup else max_decay
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -51,7 +61,8 @@ class P2DiffusionModule(LightningModule):
     """DDPM training of one UNet preset with P2 weighting; see the module docstring for the contract.
 
     `image_size` is the data's image side (checked against the data module); `model_size` the UNet's
-    (default: the preset's native size, e.g. 32 for CMNIST's 28 px digits).
+    (default: the preset's native size, e.g. 32 for CMNIST's 28 px digits). With `init_from` the UNet,
+    `model_size` and the recorded preset come from the pretrained model (`unet_preset` is then unused).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class P2DiffusionModule(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         fused_optimizer: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,8 +101,13 @@ class P2DiffusionModule(LightningModule):
         if sample_every_n_epochs < 0:
             raise ValueError(f"sample_every_n_epochs must be >= 0 (0: no grids), got {sample_every_n_epochs}")
         ddim_timesteps(num_train_timesteps, sample_steps)  # fail at construction on a bad sampling grid
-        self.model_size = int(model_size or get_preset(unet_preset).sample_size)
-        self.unet: UNet2DModel = build_unet(unet_preset, self.model_size, in_channels)
+        self.init_record: dict[str, Any] | None = None
+        if init_from is None:
+            self.unet_preset = unet_preset
+            self.model_size = int(model_size or get_preset(unet_preset).sample_size)
+            self.unet: UNet2DModel = build_unet(unet_preset, self.model_size, in_channels)
+        else:
+            self.unet = self._load_pretrained(init_from)
         self.ema_unet: UNet2DModel = copy.deepcopy(self.unet).requires_grad_(False)
 
         abar = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
@@ -104,6 +121,30 @@ class P2DiffusionModule(LightningModule):
         self._ema_count: int | None = None
         self._compiled_unet: Any = None
 
+    def _load_pretrained(self, init_from: str) -> UNet2DModel:
+        """Load and check `init_from` (nets/pretrained.py) at construction, so errors come before training."""
+        hp = self.hparams
+        source = load_pretrained(init_from)
+        self.model_size = check_architecture(source, hp.in_channels, hp.model_size, hp.image_size)
+        checked = check_schedule(source, hp.num_train_timesteps, hp.beta_start, hp.beta_end)
+        if not checked:
+            rank_zero_warn(
+                f"init_from={init_from!r}: no diffusion_info.json or scheduler config; assuming it was "
+                f"trained with this module's schedule (linear β {hp.beta_start}..{hp.beta_end}, "
+                f"T={hp.num_train_timesteps})"
+            )
+        info = source.info or {}
+        self.unet_preset = str(info.get("unet_preset") or info.get("adm_preset") or "pretrained")
+        self.init_record = {**source.record(), "schedule_checked_against": checked}
+        shas = ", ".join(w["sha256"][:12] for w in source.weights)
+        rank_zero_info(f"Fine-tuning the UNet from {source.unet_dir} (weights sha256 {shas}…)")
+        return source.unet
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the UNet also outputs a variance (ADM's learned Σ): channels beyond in_channels."""
+        return int(self.unet.config.out_channels) > int(self.hparams.in_channels)
+
     # ----------------------------------------------------------------------------------------- accessors
     @property
     def bottleneck(self) -> nn.Module:
@@ -111,8 +152,8 @@ class P2DiffusionModule(LightningModule):
         return self.unet.mid_block
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """ε_θ(x_t, t) of the trained (non-EMA) UNet, model space in and out."""
-        return self.unet(x, t).sample
+        """ε_θ(x_t, t) of the trained (non-EMA) UNet, model space in and out (ε channels only)."""
+        return self.unet(x, t).sample[:, : self.hparams.in_channels]
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -190,11 +231,12 @@ class P2DiffusionModule(LightningModule):
     def p2_loss(self, x0: Tensor, t: Tensor, noise: Tensor, unet: nn.Module | None = None) -> Tensor:
         """P2-weighted ε-MSE for given timesteps and noise (fp32 reduction even under bf16 autocast).
 
-        `unet` defaults to the trained UNet (compiled if asked); validation passes the EMA copy.
+        `unet` defaults to the trained UNet (compiled if asked); validation passes the EMA copy. Only the
+        first in_channels outputs (ε) enter the loss: a learned-variance head is left as loaded.
         """
         shape = (-1, 1, 1, 1)
         x_t = self.sqrt_abar[t].view(shape) * x0 + self.sqrt_one_minus_abar[t].view(shape) * noise
-        eps = (unet or self._eps_model())(x_t, t).sample.float()
+        eps = (unet or self._eps_model())(x_t, t).sample[:, : x0.shape[1]].float()
         per_sample = (eps - noise.float()).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights[t] * per_sample).mean()
 
@@ -230,7 +272,8 @@ class P2DiffusionModule(LightningModule):
             self._ema_count = int(self.ema_updates)
         self._ema_count += 1
         self.ema_updates.add_(1)
-        self.update_ema(ema_decay_at(self._ema_count, self.hparams.ema_decay))
+        warmup = self.hparams.init_from is None
+        self.update_ema(ema_decay_at(self._ema_count, self.hparams.ema_decay, warmup))
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -281,9 +324,9 @@ class P2DiffusionModule(LightningModule):
     def export_info(self) -> dict[str, Any]:
         """What the injection stage needs to reuse the exported UNet exactly as it was trained."""
         hp = self.hparams
-        return {
+        info = {
             "format": "diffinject-diffusion-v1",
-            "unet_preset": hp.unet_preset,
+            "unet_preset": self.unet_preset,
             "image_size": int(hp.image_size),
             "model_size": self.model_size,
             "in_channels": int(hp.in_channels),
@@ -299,6 +342,13 @@ class P2DiffusionModule(LightningModule):
             "weights": "ema",
             "global_step": int(self.global_step),
         }
+        if self.init_record is not None:
+            info["init_from"] = self.init_record
+            info["ema_warmup"] = False
+        if self.learned_variance:
+            info["learned_variance"], info["out_channels"] = True, int(self.unet.config.out_channels)
+            info["variance_head"] = "stale: only ε was trained (P2 loss); DDIM uses the first in_channels"
+        return info
 
     def on_fit_end(self) -> None:
         # Also runs when `--ckpt_path last` finds training finished, so a lost export is rewritten.
