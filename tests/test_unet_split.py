@@ -26,16 +26,32 @@ def _tiny_unet(**overrides: object) -> UNet2DModel:
     return UNet2DModel(**kwargs).eval()
 
 
+# The blocks a converted ADM (P2 / ILVR) checkpoint uses: residual up/down-sampling, attention levels that
+# down/up-sample with a resnet, scale-shift time conditioning, a GroupNorm'd mid attention, learned variance.
+ADM_LIKE = {
+    "out_channels": 6,
+    "down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    "block_out_channels": (8, 16, 16),
+    "downsample_type": "resnet",
+    "upsample_type": "resnet",
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 4,
+}
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "h_shape"),
     [
-        {},
-        {"layers_per_block": 2, "center_input_sample": True},
-        {"time_embedding_type": "fourier", "flip_sin_to_cos": False},
+        ({}, (3, 16, 8, 8)),
+        ({"layers_per_block": 2, "center_input_sample": True}, (3, 16, 8, 8)),
+        ({"time_embedding_type": "fourier", "flip_sin_to_cos": False}, (3, 16, 8, 8)),
+        (ADM_LIKE, (3, 16, 4, 4)),
+        ({**ADM_LIKE, "layers_per_block": 2, "resnet_time_scale_shift": "default"}, (3, 16, 4, 4)),
     ],
-    ids=["attn+plain", "two-layers-centered", "fourier"],
+    ids=["attn+plain", "two-layers-centered", "fourier", "adm-resnet-updown", "adm-two-layers-default-norm"],
 )
-def test_split_equals_forward(overrides: dict[str, object]) -> None:
+def test_split_equals_forward(overrides: dict[str, object], h_shape: tuple[int, ...]) -> None:
     unet = _tiny_unet(**overrides)
     x = torch.randn(3, 3, 16, 16)
     t = torch.tensor([5, 400, 999])
@@ -43,7 +59,8 @@ def test_split_equals_forward(overrides: dict[str, object]) -> None:
         expected = unet(x, t).sample
         encoding = unet_encode(unet, x, t)
         got = unet_decode(unet, encoding)
-    assert encoding.h.shape == (3, 16, 8, 8)
+    assert encoding.h.shape == h_shape
+    assert got.shape == (3, unet.config.out_channels, 16, 16)
     assert torch.equal(got, expected)
 
 

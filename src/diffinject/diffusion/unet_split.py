@@ -5,6 +5,10 @@ identical (skips come from x_t), so the encoder and mid block run once and only 
 in one concatenated batch. `unet_decode(unet, unet_encode(unet, x, t))` equals `unet(x, t).sample`
 exactly (same ops in the same order); configs whose forward differs (skip blocks, class conditioning,
 unknown block types) are refused with a clear error instead of being silently mis-split.
+Supported blocks: the presets' plain/attention blocks and, for converted ADM checkpoints
+(`diffinject.convert`), the residual up/down-sampling ones (`ResnetDownsampleBlock2D`,
+`ResnetUpsampleBlock2D`, attention blocks with `downsample_type`/`upsample_type="resnet"`); scale-shift
+time conditioning lives inside the resnets and changes nothing here.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from diffusers.models.unets.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnUpBlock2D,
     DownBlock2D,
+    ResnetDownsampleBlock2D,
+    ResnetUpsampleBlock2D,
     UNetMidBlock2D,
     UpBlock2D,
 )
 from torch import Tensor
 
-SUPPORTED_DOWN_BLOCKS = (DownBlock2D, AttnDownBlock2D)
-SUPPORTED_UP_BLOCKS = (UpBlock2D, AttnUpBlock2D)
+SUPPORTED_DOWN_BLOCKS = (DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D)
+SUPPORTED_UP_BLOCKS = (UpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D)
 
 
 @dataclass
