@@ -63,12 +63,18 @@ DATA_ROOT ?= data
 # Intra-op threads per process: on a small shared CPU one thread is several times faster than oversubscribing.
 CPU_THREADS ?= 1
 PIPELINE_ARGS ?=
+# DATASET=folder: your own tree {DATA_ROOT}/{NAME}/{PCT}/... (configs/folder/README.md).
+NAME ?=
+# A diffusion export to use instead of training the diffusion stage (e.g. a converted pretrained P2 model).
+DIFFUSION ?=
+RUN_ROOT = $(RUNS)/$(if $(filter folder,$(DATASET)),folder/$(NAME),$(DATASET))/$(PCT)
 PIPELINE = OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.pipeline --dataset $(DATASET) --pct $(PCT) \
 	--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) --data-root $(DATA_ROOT) \
-	$(if $(DEVICES),--devices $(DEVICES)) $(PIPELINE_ARGS)
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NAME),--name $(NAME)) $(if $(DIFFUSION),--diffusion $(DIFFUSION)) \
+	$(PIPELINE_ARGS)
 
 .PHONY: pipeline
-pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist PCT=1pct PROFILE=quick SEEDS="0 1 2" TRAINER=cpu|gpu|ddp DEVICES=N RUNS=runs DATA_ROOT=data)
+pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist|ccifar10|bffhq|dogscats|folder NAME= PCT=1pct PROFILE=quick SEEDS="0 1 2" TRAINER=cpu|gpu|ddp DEVICES=N RUNS=runs DATA_ROOT=data DIFFUSION=<export>)
 	$(PIPELINE)
 
 .PHONY: baselines
@@ -77,7 +83,7 @@ baselines: $(STAMP) ## Vanilla, LfF and the GCE bias classifier (+ top-K) per se
 
 .PHONY: report
 report: $(STAMP) ## Rebuild runs/$(DATASET)/$(PCT)/report from what is there
-	$(BIN)/python -m diffinject.report $(RUNS)/$(DATASET)/$(PCT) --seeds $(SEEDS)
+	$(BIN)/python -m diffinject.report $(RUN_ROOT) --seeds $(SEEDS)
 
 .PHONY: tensorboard
 tensorboard: $(STAMP) ## Serve TensorBoard on every stage under runs/ (PORT=6006)

@@ -75,6 +75,8 @@ class FolderDataModule(BiasedDataModule):
 
     Images are resized to `image_size` (square) on decode; training adds RandomCrop(image_size, padding) and a
     horizontal flip when `augment` is True. No normalisation (networks normalise themselves).
+    `unbiased_test_subset` names the report's headline: the whole test split ("all", when it is balanced) or
+    its bias-conflicting images ("conflicting", BFFHQ's convention); every group is reported either way.
     """
 
     def __init__(
@@ -93,12 +95,18 @@ class FolderDataModule(BiasedDataModule):
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
+        unbiased_test_subset: Literal["all", "conflicting"] = "all",
     ) -> None:
         super().__init__(
             root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
         )
         if image_size < 1 or num_classes < 2:
             raise ValueError(f"need image_size >= 1 and num_classes >= 2, got {image_size} and {num_classes}")
+        if unbiased_test_subset not in ("all", "conflicting"):
+            raise ValueError(
+                f"unbiased_test_subset must be 'all' or 'conflicting', got {unbiased_test_subset!r}"
+            )
+        self.unbiased_test_subset = unbiased_test_subset
         self.name, self.pct = name, pct
         self.image_size, self.num_classes, self.channels = image_size, num_classes, channels
         self.augment, self.crop_padding = augment, crop_padding
@@ -167,6 +175,7 @@ class BFFHQDataModule(FolderDataModule):
             synthetic_manifest,
             on_bad_image,
             synthetic_control,
+            "conflicting",
         )
 
 

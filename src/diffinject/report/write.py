@@ -62,7 +62,9 @@ def unbiased_column(root: Path, seeds: Sequence[int]) -> tuple[str, str]:
             data_class = rs.resolve_class(located[1]["class_path"])
         except (ImportError, ValueError) as error:
             raise ValueError(f"{located[0]}: {error}") from error
-        subset = getattr(data_class, "unbiased_test_subset", "all")
+        subset = located[1].get("init_args", {}).get("unbiased_test_subset") or getattr(
+            data_class, "unbiased_test_subset", "all"
+        )
     elif root.parent.name == "bffhq":
         subset = "conflicting"
     if subset == "conflicting":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +33,11 @@ from typing import Any
 
 import yaml
 
+from diffinject.data.inspect import FolderFacts, inspect_folder
+from diffinject.workflow.folder import HEADLINES, fill_config, template_set
 from diffinject.workflow.runner import CONFIG_NAME, Step, run_steps
 
-DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
+DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats", "folder")
 PROFILES = ("smoke", "quick", "paper")
 PER_SEED_STAGES = ("vanilla", "lff", "bias", "inject", "debias")
 ALL_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
@@ -52,6 +55,13 @@ def pct_to_ratio(pct: str) -> float:
         raise ValueError(f"PCT={pct!r}: expected a number before 'pct', e.g. 1pct") from error
     if not 0 < value < 1:
         raise ValueError(f"PCT={pct!r}: the conflicting share must lie in (0, 100) percent")
+    return value
+
+
+def path_component(value: str, what: str) -> str:
+    """A folder name that stays one level deep (no separators, `..`, or hidden/empty names)."""
+    if not value or value in (".", "..") or value.startswith(".") or "/" in value or "\\" in value:
+        raise ValueError(f"{what}={value!r}: expected a plain folder name (no '/', '..' or leading '.')")
     return value
 
 
@@ -145,15 +155,56 @@ class Options:
     stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
     variants: list[str] = field(default_factory=list)
     report: bool = True
+    #: DATASET=folder: the dataset's folder name under data_root, the headline test subset and overrides of
+    #: what is read from the tree (None: read it).
+    name: str | None = None
+    headline: str = "all"
+    image_size: int | None = None
+    channels: int | None = None
+    num_classes: int | None = None
+    num_bias_classes: int | None = None
+    #: a diffusion export to use instead of training the diffusion stage (DIFFUSION=<dir>).
+    diffusion: str | None = None
+    _facts: FolderFacts | None = field(default=None, repr=False, compare=False)
 
     @property
     def root(self) -> Path:
+        if self.dataset == "folder":
+            return Path(self.runs) / "folder" / self.folder_name / self.pct
         return Path(self.runs) / self.dataset / self.pct
+
+    @property
+    def folder_name(self) -> str:
+        if not self.name:
+            raise ValueError("DATASET=folder needs NAME=<the dataset's folder under DATA_ROOT> (--name)")
+        return path_component(self.name, "NAME")
+
+    @property
+    def facts(self) -> FolderFacts:
+        """The folder dataset read from its tree (once; errors name the path and the rule)."""
+        if self._facts is None:
+            self._facts = inspect_folder(
+                self.data_root or "data",
+                self.folder_name,
+                self.pct,
+                image_size=self.image_size,
+                channels=self.channels,
+                num_classes=self.num_classes,
+                num_bias_classes=self.num_bias_classes,
+            )
+        return self._facts
+
+    @property
+    def config_dir(self) -> Path:
+        """Where this dataset's stage templates live (folder data: the template set for the image size)."""
+        if self.dataset == "folder":
+            return Path(self.configs) / "folder" / template_set(self.facts.image_size)
+        return Path(self.configs) / self.dataset
 
 
 def stage_config(opts: Options, stage: str, seed: int | None, template: str | None = None) -> dict[str, Any]:
     """The resolved config dict of one stage (template → profile → variants → paths → data)."""
-    configs = Path(opts.configs) / opts.dataset
+    configs = opts.config_dir
     name = template or stage
     profile_file = configs / "profiles" / f"{opts.profile}.yaml"
     if not profile_file.is_file():  # dataset-agnostic profile
@@ -164,7 +215,10 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
     # A profile may swap the base file of a stage (e.g. the paper-size diffusion config) with `_template`,
     # a file name in configs/<dataset>/
     base = configs / (section.pop("_template") if "_template" in section else f"{name}.yaml")
-    config = deep_merge(load_yaml(base), section)
+    config = load_yaml(base)
+    if opts.dataset == "folder":
+        config = fill_config(config, name if name != "topk" else "bias", opts.facts, opts.headline)
+    config = deep_merge(config, section)
     if not profile_file.is_file() and opts.profile != "quick":
         raise FileNotFoundError(
             f"profile {opts.profile!r}: neither {configs / 'profiles'} nor {profile_file.parent} has "
@@ -175,6 +229,43 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
     config = relocate(config, path_mover(opts.dataset, opts.root, seed))
     set_data_args(config, opts.dataset, opts.pct, opts.data_root)
     return config
+
+
+def diffusion_export(path: str) -> tuple[Path, dict[str, Any]]:
+    """A given diffusion export (DIFFUSION=<dir>), checked before any stage starts: absolute path, info."""
+    from diffinject.nets.unet import INFO_FILENAME  # here: the pipeline itself needs no diffusers import
+
+    folder = Path(path).expanduser().resolve()
+    missing = [name for name in ("config.json", INFO_FILENAME) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"DIFFUSION={path}: {folder} is not a diffusion export (missing {', '.join(missing)}); expected "
+            "the unet/ folder a diffusion stage writes (runs/<dataset>/<pct>/diffusion/unet) or the output "
+            "of `python -m diffinject.convert adm CKPT --out DIR`"
+        )
+    try:
+        info = json.loads((folder / INFO_FILENAME).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DIFFUSION={path}: {folder / INFO_FILENAME} is not valid JSON ({error})") from error
+    if not isinstance(info, dict):
+        raise ValueError(f"DIFFUSION={path}: {folder / INFO_FILENAME} must hold a JSON object")
+    return folder, info
+
+
+def link_diffusion(root: Path, export: Path) -> None:
+    """`{root}/diffusion/unet` → the given export: the report and studies find it where a trained one is."""
+    link = root / "diffusion" / "unet"
+    if link.is_symlink() and link.resolve() == export:
+        return
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(
+            f"{link} holds a diffusion model trained by this run; DIFFUSION={export} would shadow it. "
+            "Use another RUNS root or remove that folder"
+        )
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(export, target_is_directory=True)
 
 
 def selection_upstream(config: dict[str, Any], seed: int, stages: Sequence[str]) -> list[str]:
@@ -190,6 +281,13 @@ def plan(opts: Options) -> list[Step]:
     unknown = sorted(set(opts.stages) - set(ALL_STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}: expected some of {', '.join(ALL_STAGES)}")
+    if len(set(opts.seeds)) != len(opts.seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, opts.seeds))}: each seed may appear once")
+    if opts.dataset in RATIO_DATASETS:
+        pct_to_ratio(opts.pct)
+    else:
+        path_component(opts.pct, "PCT")
+    export, export_info = diffusion_export(opts.diffusion) if opts.diffusion else (None, {})
     root = opts.root
     trainer = ["--trainer", str(Path(opts.configs) / "trainer" / f"{opts.trainer}.yaml")]
     if opts.devices is not None:
@@ -228,7 +326,7 @@ def plan(opts: Options) -> list[Step]:
         for stage in ("vanilla", "lff"):
             if stage in opts.stages:
                 steps.append(fit_test(stage, seed, []))
-    if "diffusion" in opts.stages:
+    if "diffusion" in opts.stages and export is None:
         folder = root / "diffusion"
         config = stage_config(opts, "diffusion", None)
         last = folder / "checkpoints" / "last.ckpt"
@@ -241,6 +339,13 @@ def plan(opts: Options) -> list[Step]:
             config = stage_config(opts, "inject", seed)
             # Pairing and η = 1 noise follow the run's seed, so seeds differ in their synthetic sets too.
             config["data"].setdefault("init_args", {})["seed"] = seed
+            if export is not None:
+                config["model"].setdefault("init_args", {})["unet"] = str(export)
+                source = config["data"]["init_args"].get("data", {}).get("init_args", {})
+                if "image_size" in source and export_info.get("image_size"):
+                    # Pairs at the size the model was trained on (a 256 px FFHQ model gets 256 px faces,
+                    # not 224 px ones padded with black).
+                    source["image_size"] = int(export_info["image_size"])
             command = [
                 "predict",
                 "--config",
@@ -249,7 +354,7 @@ def plan(opts: Options) -> list[Step]:
                 "--seed_everything",
                 str(seed),
             ]
-            upstream = [f"seed{seed}/bias", "diffusion"]
+            upstream = [f"seed{seed}/bias"] + (["diffusion"] if export is None else [])
             steps.append(Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream))
     # Every inject before any debias: a worker waiting on an upstream step holds its slot.
     for seed in opts.seeds:
@@ -275,6 +380,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     parser.add_argument("--configs", default="configs")
     parser.add_argument("--stages", nargs="+", default=list(ALL_STAGES), choices=ALL_STAGES)
     parser.add_argument("--variant", action="append", default=[], help="extra per-stage override YAML")
+    folder = parser.add_argument_group("DATASET=folder (your own tree; configs/folder/README.md)")
+    folder.add_argument("--name", default=None, help="the dataset's folder under --data-root")
+    folder.add_argument(
+        "--headline",
+        default="all",
+        choices=HEADLINES,
+        help="the report's unbiased accuracy: the whole test set, or its bias-conflicting images only",
+    )
+    folder.add_argument(
+        "--image-size", type=int, default=None, help="square side (default: read from the tree)"
+    )
+    folder.add_argument(
+        "--channels", type=int, default=None, choices=(1, 3), help="default: read from the tree"
+    )
+    folder.add_argument("--num-classes", type=int, default=None, help="default: max label + 1")
+    folder.add_argument("--num-bias-classes", type=int, default=None, help="default: max bias + 1")
+    parser.add_argument(
+        "--diffusion",
+        default=None,
+        help="use this diffusion export (unet/ folder of a diffusion stage, or a converted pretrained model) "
+        "instead of training the diffusion stage",
+    )
     parser.add_argument("--no-report", action="store_true", help="stop after the stages")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument(
@@ -298,7 +425,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         stages=args.stages,
         variants=args.variant,
         report=not args.no_report,
+        name=args.name,
+        headline=args.headline,
+        image_size=args.image_size,
+        channels=args.channels,
+        num_classes=args.num_classes,
+        num_bias_classes=args.num_bias_classes,
+        diffusion=args.diffusion,
     )
+    if args.dataset != "folder" and args.name is not None:
+        parser.error(f"--name is for --dataset folder (got --dataset {args.dataset})")
     return opts, args
 
 
@@ -306,6 +442,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     opts, args = parse_args(argv)
     started = time.perf_counter()
     steps = plan(opts)
+    if opts.dataset == "folder":
+        print(f"[pipeline] folder dataset {opts.facts.summary()}", flush=True)
+        if not args.dry_run:
+            opts.root.mkdir(parents=True, exist_ok=True)
+            (opts.root / "dataset.json").write_text(opts.facts.to_json())
+    if opts.diffusion and not args.dry_run:
+        export = diffusion_export(opts.diffusion)[0]
+        link_diffusion(opts.root, export)
+        print(f"[pipeline] diffusion: the given export {export} (not trained)", flush=True)
     jobs = (
         args.jobs if args.jobs is not None else (min(2, os.cpu_count() or 1) if opts.trainer == "cpu" else 1)
     )
