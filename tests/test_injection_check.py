@@ -25,7 +25,7 @@ from diffinject.injection_check import (
     injection_check,
 )
 from diffinject.nets import build_classifier
-from diffinject.workflow.pipeline import Options, stage_config
+from diffinject.workflow.configs import Options, stage_config
 from inject_helpers import tiny_unet, train_tiny_unet, write_topk, write_unet_export
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from diffinject.workflow import pipeline
-from diffinject.workflow.pipeline import Options, deep_merge, path_mover, pct_to_ratio, plan, stage_config
+from diffinject.workflow.configs import Options, deep_merge, path_mover, pct_to_ratio, stage_config
+from diffinject.workflow.pipeline import plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 from diffinject.data.inspect import inspect_folder
 from diffinject.workflow import pipeline
+from diffinject.workflow.configs import Options, stage_config
 from diffinject.workflow.folder import diffusion_geometry, fill_config, template_set
-from diffinject.workflow.pipeline import Options, plan, stage_config
+from diffinject.workflow.pipeline import plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffinject.report.inputs import knobs_of
-from diffinject.workflow.pipeline import Options, load_yaml, stage_config
+from diffinject.workflow.configs import Options, load_yaml, stage_config
 from diffinject.workflow.study import describe, link_shared, row_of, stages_to_run, table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from typing import Any
 
 from diffinject.report import write_report
 from diffinject.workflow import pipeline
-from diffinject.workflow.pipeline import load_yaml
+from diffinject.workflow.configs import load_yaml
 
 #: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
 DOWNSTREAM = {
