@@ -251,14 +251,12 @@ def test_two_process_ddp_matches_one_process(workdir: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu_and_bf16_stays_close(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_matches_cpu_and_bf16_stays_close(workdir: Path) -> None:
     """bf16 generation moves pixels by < 0.03 on average (bound not yet validated on a GPU).
 
-    Run alone (`pytest -m gpu tests/test_inject_stage.py`): conftest hides CUDA from every test, and
-    undoing that only works before anything in the process has counted the devices.
+    Run alone (`pytest -m gpu tests/test_inject_stage.py`); conftest shows the device to `gpu` tests only and
+    skips this one at run time when there is none.
     """
-    monkeypatch.undo()  # conftest's CUDA_VISIBLE_DEVICES="" for this test
     cpu, batch = _module_and_batch(workdir)
     fp32, _ = _module_and_batch(workdir)
     bf16, _ = _module_and_batch(workdir, autocast=True)
