@@ -115,4 +115,4 @@ def test_selection_with_the_bias_model_waits_for_the_bias_stage(tmp_path: Path) 
     keys = list(by_key)
     assert keys.index("seed0/bias") < keys.index("seed0/vanilla")
     without_bias = plan(Options(seeds=[0], runs=str(tmp_path), configs=str(REPO / "configs"), stages=["lff"]))
-    assert [s.upstream for s in without_bias] == [[]]
+    assert [s.upstream for s in without_bias] == [["seed0/bias"]]  # read, not built: preflight checks it

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,15 +40,17 @@ from diffinject.workflow.configs import (
     stage_config,
 )
 from diffinject.workflow.folder import HEADLINES
-from diffinject.workflow.runner import CONFIG_NAME, Step, run_steps
+from diffinject.workflow.preflight import CannotStart, check_dataset, check_handovers
+from diffinject.workflow.runner import CONFIG_NAME, Runner, Step, StepFailed, failure_summary
+
+#: the export's description file (nets.unet.INFO_FILENAME; not imported: the pipeline needs no diffusers)
+INFO_NAME = "diffusion_info.json"
 
 
 def diffusion_export(path: str) -> tuple[Path, dict[str, Any]]:
     """A given diffusion export (DIFFUSION=<dir>), checked before any stage starts: absolute path, info."""
-    from diffinject.nets.unet import INFO_FILENAME  # here: the pipeline itself needs no diffusers import
-
     folder = Path(path).expanduser().resolve()
-    missing = [name for name in ("config.json", INFO_FILENAME) if not (folder / name).is_file()]
+    missing = [name for name in ("config.json", INFO_NAME) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"DIFFUSION={path}: {folder} is not a diffusion export (missing {', '.join(missing)}); expected "
@@ -55,11 +58,11 @@ def diffusion_export(path: str) -> tuple[Path, dict[str, Any]]:
             "of `python -m diffinject.convert adm CKPT --out DIR`"
         )
     try:
-        info = json.loads((folder / INFO_FILENAME).read_text())
+        info = json.loads((folder / INFO_NAME).read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"DIFFUSION={path}: {folder / INFO_FILENAME} is not valid JSON ({error})") from error
+        raise ValueError(f"DIFFUSION={path}: {folder / INFO_NAME} is not valid JSON ({error})") from error
     if not isinstance(info, dict):
-        raise ValueError(f"DIFFUSION={path}: {folder / INFO_FILENAME} must hold a JSON object")
+        raise ValueError(f"DIFFUSION={path}: {folder / INFO_NAME} must hold a JSON object")
     return folder, info
 
 
@@ -82,7 +85,7 @@ def link_diffusion(root: Path, export: Path) -> None:
 def selection_upstream(config: dict[str, Any], seed: int, stages: Sequence[str]) -> list[str]:
     """The bias step a classifier stage waits for when it selects checkpoints with the bias model."""
     selection = (config.get("model") or {}).get("init_args", {}).get("selection_bias")
-    return [f"seed{seed}/bias"] if selection and "bias" in stages else []
+    return [f"seed{seed}/bias"] if selection else []
 
 
 def plan(opts: Options) -> list[Step]:
@@ -166,7 +169,11 @@ def plan(opts: Options) -> list[Step]:
                 str(seed),
             ]
             upstream = [f"seed{seed}/bias"] + (["diffusion"] if export is None else [])
-            steps.append(Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream))
+            step = Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream)
+            if export is not None:  # a given model: its weights are an input (a changed file rebuilds inject)
+                step.inputs = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin"))
+                step.inputs += [export / "config.json", export / INFO_NAME]
+            steps.append(step)
     # Every inject before any debias: a worker waiting on an upstream step holds its slot.
     for seed in opts.seeds:
         if "debias" in opts.stages:
@@ -250,9 +257,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Plan, check, run, report. Exit code 2: a problem found before any stage started (no traceback);
+    1: a stage failed (one-screen summary)."""
     opts, args = parse_args(argv)
     started = time.perf_counter()
-    steps = plan(opts)
+    try:
+        steps = plan(opts)
+        check_dataset(opts)
+        check_handovers(steps, opts.root)
+    except (CannotStart, FileNotFoundError, ValueError) as error:
+        print(f"[pipeline] cannot start: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if opts.dataset == "folder":
         print(f"[pipeline] folder dataset {opts.facts.summary()}", flush=True)
         if not args.dry_run:
@@ -267,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if jobs > 1:  # the diffusion model is the long pole: start it first, beside the classifiers
         steps.sort(key=lambda step: step.stage != "diffusion")
-    timings = run_steps(steps, opts.root / "timings.json", dry_run=args.dry_run, jobs=jobs)
+    runner = Runner(steps, opts.root / "timings.json", dry_run=args.dry_run, jobs=jobs, root=opts.root)
+    try:
+        timings = runner.run()
+    except StepFailed:
+        print(failure_summary(runner), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if opts.report and not args.dry_run:
         from diffinject.report import write_report
 

@@ -1,14 +1,19 @@
 """Run pipeline steps as `diffinject` subprocesses: skip finished ones, resume or rebuild the rest.
 
-A step is skipped when its artifact exists and the config stored beside it (`.pipeline_done.json`) equals
-the resolved one. When the config changed, or a step upstream of it was rebuilt in this invocation, its
-folder is cleared first (a stale synthetic set must never mix with a new one). Independent steps may run
-side by side (`jobs` > 1, for several CPU cores); a step waits for its upstream steps.
+Everything is decided from what is on disk (`workflow.markers`), so it holds across invocations:
+- a step is **skipped** when its artifact exists and its done record has the resolved config, the current
+  identities of its upstream stages (config + output bytes) and the same external inputs;
+- an **interrupted** step (started record, no done record) **resumes** — a fit from `checkpoints/last.ckpt`,
+  the injection writer from the images already written — only when its started record has the same config
+  and upstream identities;
+- anything else in the folder is **cleared** first (a stale synthetic set must never mix with a new one).
+Independent steps may run side by side (`jobs` > 1, for several CPU cores); a step waits for its upstream
+steps. Failed steps are collected (`Runner.failures`) for a one-screen summary.
 """
 
 from __future__ import annotations
 
-import json
+import codecs
 import re
 import shlex
 import shutil
@@ -24,8 +29,22 @@ from typing import Any
 
 import yaml
 
+from diffinject.workflow.markers import (
+    DONE_NAME,
+    STARTED_NAME,
+    clean_temporary,
+    done_record,
+    input_fingerprints,
+    read_record,
+    same_content,
+    stage_identity,
+    write_json_atomic,
+)
+
 CONFIG_NAME = "pipeline_config.yaml"
-MARKER_NAME = ".pipeline_done.json"
+MARKER_NAME = DONE_NAME
+#: the line of a log that names the error (a Python exception line, or Lightning's / our error prefixes)
+ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|^error:|FAILED|Traceback", re.IGNORECASE)
 #: seconds between progress lines of a step whose output goes to its log
 HEARTBEAT_S = 60
 #: a progress-bar line (tqdm / rich) in a step's log
@@ -43,6 +62,8 @@ class Step:
     artifact: Path
     config: dict[str, Any]
     upstream: list[str] = field(default_factory=list)
+    #: files outside the run the step reads (e.g. a given diffusion export): a change rebuilds the step
+    inputs: list[Path] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -64,14 +85,69 @@ def write_configs(step: Step) -> None:
         (step.folder / CONFIG_NAME).write_text(yaml.safe_dump(step.config, sort_keys=False))
 
 
-def is_complete(step: Step) -> bool:
-    """Artifact present, nothing half-merged, and produced by the same resolved config."""
-    marker = step.folder / MARKER_NAME
-    if not step.artifact.is_file() or not marker.is_file():
+@dataclass
+class Failure:
+    """Why a step did not finish, for the summary: the log to read and its last error line."""
+
+    reason: str
+    log: Path | None = None
+    error_line: str = ""
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of a log that names an error (else its last non-empty line).
+
+    jsonargparse wraps a module's own error in "Does not validate against any of the Union subtypes" and
+    lists the real one below as "- …"; that first listed error is appended.
+    """
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    named = [
+        i for i, line in enumerate(lines) if ERROR_LINE.search(line) and not line.startswith("Traceback")
+    ]
+    if not named:
+        return (lines or [""])[-1][:300]
+    line = lines[named[-1]]
+    listed = [later[2:] for later in lines[named[-1] + 1 :] if later.startswith("- ")]
+    return (f"{line} | {listed[0]}" if listed else line)[:300]
+
+
+def upstream_identities(step: Step, root: Path) -> dict[str, str | None]:
+    """Identity of each upstream stage as it is on disk now (`{root}/{key}`)."""
+    return {key: stage_identity(root / key, key.rsplit("/", 1)[-1]) for key in step.upstream}
+
+
+def is_complete(step: Step, upstream: dict[str, str | None]) -> bool:
+    """Artifact present, nothing half-merged, produced by the same config from the same upstream outputs."""
+    record = read_record(step.folder / MARKER_NAME)
+    if not step.artifact.is_file() or record is None:
         return False
     if step.stage == "inject" and any(step.folder.glob("manifest.rank*.csv")):
         return False
-    return json.loads(marker.read_text()).get("config") == step.config
+    return (
+        record.get("config") == step.config
+        and record.get("upstream", {}) == upstream
+        and same_content(record.get("inputs"), input_fingerprints(step.inputs, record.get("inputs")))
+    )
+
+
+def stale_reason(step: Step, upstream: dict[str, str | None]) -> str | None:
+    """Why an existing stage folder cannot be kept or resumed (None: resume it)."""
+    done = read_record(step.folder / MARKER_NAME)
+    started = read_record(step.folder / STARTED_NAME)
+    record = done or started
+    if record is None:
+        return "no record of how it was started"
+    if record.get("config") != step.config:
+        return "its config changed"
+    changed = [key for key, value in upstream.items() if record.get("upstream", {}).get(key) != value]
+    if changed:
+        return f"upstream {', '.join(changed)} rebuilt"
+    if not same_content(record.get("inputs"), input_fingerprints(step.inputs, record.get("inputs"))):
+        return f"its input {', '.join(map(str, step.inputs))} changed"
+    return None if done is None else "its outputs changed"
 
 
 def drop_resume(command: list[str]) -> list[str]:
@@ -82,22 +158,42 @@ def drop_resume(command: list[str]) -> list[str]:
     return command
 
 
+def tee_stderr(process: subprocess.Popen, handle: Any) -> int:
+    """Copy a process's stderr to ours and to `handle` as it comes; returns the exit code."""
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    assert process.stderr is not None
+    for chunk in iter(lambda: process.stderr.read1(1 << 16), b""):
+        text = decode.decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        handle.write(text)
+        handle.flush()
+    return process.wait()
+
+
 class Runner:
     """Executes steps in dependency order with up to `jobs` at once; records wall seconds per step."""
 
     def __init__(
-        self, steps: Sequence[Step], timings_path: Path, dry_run: bool = False, jobs: int = 1
+        self,
+        steps: Sequence[Step],
+        timings_path: Path,
+        dry_run: bool = False,
+        jobs: int = 1,
+        root: Path | None = None,
     ) -> None:
         self.steps = list(steps)
         self.timings_path = timings_path
+        self.root = root if root is not None else timings_path.parent
+        self.failures: dict[str, Failure] = {}
+        #: how a step's command is run (tests swap in a small script)
+        self.executable = [sys.executable, "-m", "diffinject"]
         self.dry_run = dry_run
         self.jobs = max(1, jobs)
         self.rebuilt: set[str] = set()
         self.lock = threading.Lock()
         self.futures: dict[str, Future[None]] = {}
-        self.timings: dict[str, float] = (
-            json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-        )
+        self.timings: dict[str, float] = read_record(timings_path) or {}
 
     def say(self, step: Step, text: str) -> None:
         number = self.steps.index(step) + 1
@@ -115,64 +211,85 @@ class Runner:
         return self.timings
 
     def execute(self, step: Step) -> None:
+        try:
+            self._execute(step)
+        except StepFailed as error:
+            with self.lock:
+                self.failures.setdefault(step.key, Failure(str(error)))
+            raise
+
+    def _execute(self, step: Step) -> None:
         for name in step.upstream:
             if name in self.futures and self.futures[name].exception() is not None:
                 self.say(step, f"not run: upstream {name} failed")
-                raise StepFailed(f"{step.key}: upstream {name} failed")
-        with self.lock:
-            stale = [name for name in step.upstream if name in self.rebuilt]
-        if not stale and is_complete(step):
+                raise StepFailed(f"not run: upstream {name} failed")
+        upstream = upstream_identities(step, self.root)
+        with self.lock:  # a dry run writes nothing, so an upstream it would rebuild is remembered here
+            planned = [name for name in step.upstream if name in self.rebuilt] if self.dry_run else []
+        if not planned and is_complete(step, upstream):
             self.say(step, f"done, skipped ({step.artifact})")
             return
-        if step.folder.exists() and (stale or (step.folder / MARKER_NAME).is_file()):
-            why = f"upstream {', '.join(stale)} rebuilt" if stale else "its config changed"
-            self.say(step, f"{why}, clearing {step.folder}")
-            if not self.dry_run:
-                shutil.rmtree(step.folder)
-                step.commands = [drop_resume(c) for c in step.commands]
+        if step.folder.is_dir():
+            why = f"upstream {', '.join(planned)} rebuilt" if planned else stale_reason(step, upstream)
+            if why is None:
+                self.say(step, "resuming an interrupted run (same config and upstream)")
+                if not self.dry_run:
+                    clean_temporary(step.folder)
+            else:
+                self.say(step, f"{why}, clearing {step.folder}")
+                if not self.dry_run:
+                    shutil.rmtree(step.folder)
+                    step.commands = [drop_resume(c) for c in step.commands]
         self.say(step, "running")
         start = time.perf_counter()
+        inputs = input_fingerprints(step.inputs)
         if not self.dry_run:
             write_configs(step)
+            started = {"config": step.config, "upstream": upstream, "inputs": inputs}
+            write_json_atomic(step.folder / STARTED_NAME, started)
         for command in step.commands:
             self.run_command(step, command)
         elapsed = round(time.perf_counter() - start, 1)
         if not self.dry_run:
             if not step.artifact.is_file():
-                raise StepFailed(f"{step.key}: finished without writing {step.artifact}")
-            marker = {"config": step.config, "seconds": elapsed}
-            (step.folder / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
+                raise StepFailed(f"finished without writing {step.artifact}")
+            record = done_record(step.config, elapsed, upstream, inputs, step.folder, step.stage)
+            write_json_atomic(step.folder / MARKER_NAME, record)
+            (step.folder / STARTED_NAME).unlink(missing_ok=True)
         with self.lock:
             self.rebuilt.add(step.key)
             if not self.dry_run:
                 self.timings[step.key] = elapsed
-                self.timings_path.parent.mkdir(parents=True, exist_ok=True)
-                text = json.dumps(self.timings, indent=2, sort_keys=True) + "\n"
-                self.timings_path.write_text(text)
+                write_json_atomic(self.timings_path, self.timings)
         self.say(step, f"finished in {elapsed:.0f} s")
 
     def run_command(self, step: Step, command: list[str]) -> None:
-        """One CLI call; with several jobs its output goes to the step's log instead of the terminal."""
+        """One CLI call, its output appended to the step's `pipeline.log`.
+
+        With one job the output also reaches the terminal (stdout as is, so progress bars work; stderr through
+        a tee); with several jobs only the log gets it and a heartbeat line is printed.
+        """
         line = f"diffinject {shlex.join(command)}"
         print(f"  $ {line}", flush=True)
         if self.dry_run:
             return
-        argv = [sys.executable, "-m", "diffinject", *command]
-        if self.jobs == 1:
-            result = subprocess.run(argv)
-            log_note = ""
-        else:
-            log = step.folder / "pipeline.log"
-            with log.open("a") as handle:
-                handle.write(f"$ {line}\n")
-                handle.flush()
-                result = self.wait_with_heartbeat(
-                    step, subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT), log
-                )
-            log_note = f"; last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-25:])
-        if result.returncode != 0:
-            self.say(step, f"FAILED (exit {result.returncode}): {line}{log_note}")
-            raise StepFailed(f"{step.key}: `{line}` exited with {result.returncode}")
+        argv = [*self.executable, *command]
+        log = step.folder / "pipeline.log"
+        with log.open("a") as handle:
+            handle.write(f"$ {line}\n")
+            handle.flush()
+            if self.jobs == 1:
+                code = tee_stderr(subprocess.Popen(argv, stderr=subprocess.PIPE), handle)
+            else:
+                process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT)
+                code = self.wait_with_heartbeat(step, process, log).returncode
+        if code != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            note = f"; last lines of {log}:\n{tail}" if self.jobs > 1 else ""
+            self.say(step, f"FAILED (exit {code}): {line}{note}")
+            with self.lock:
+                self.failures[step.key] = Failure(f"`{line}` exited with {code}", log, last_error_line(log))
+            raise StepFailed(f"{step.key}: `{line}` exited with {code}")
 
     def wait_with_heartbeat(
         self, step: Step, process: subprocess.Popen, log: Path
@@ -195,3 +312,16 @@ def run_steps(
 ) -> dict[str, float]:
     """Run what is missing; returns wall seconds per step (this run's and earlier ones')."""
     return Runner(steps, timings_path, dry_run, jobs).run()
+
+
+def failure_summary(runner: Runner) -> str:
+    """One screen: each failed step, why, where its log is and the last error line in it."""
+    lines = [f"[pipeline] {len(runner.failures)} step(s) did not finish:"]
+    for key, failure in runner.failures.items():
+        lines.append(f"  {key}: {failure.reason}")
+        if failure.log is not None:
+            lines.append(f"      log: {failure.log}")
+        if failure.error_line:
+            lines.append(f"      last error: {failure.error_line}")
+    lines.append("[pipeline] fix the cause and run the same command again: finished steps are kept.")
+    return "\n".join(lines)
