@@ -76,3 +76,32 @@ def lff_weights(
     norm_b = ema_b / max_b[lb].clamp_min(eps)
     norm_d = ema_d / max_d[lb].clamp_min(eps)
     return (norm_b / (norm_b + norm_d + eps)).detach()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` over `mask` (all when None); 0 (with a gradient path) when the mask selects nothing.
+
+    BiasEnsemble trains the bias branch on the committee's flagged images only; a batch without any must
+    contribute nothing rather than NaN.
+    """
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def bias_branch_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    q: float = 0.7,
+    kind: str = "gce",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The bias branch's scalar loss: GCE (LfF, DisEnt) or CE (BiasEnsemble's retrained f_B), over `mask`."""
+    if kind == "gce":
+        per_sample = gce_loss(logits, target, q=q)
+    elif kind == "ce":
+        per_sample = F.cross_entropy(logits.float(), target, reduction="none")
+    else:
+        raise ValueError(f"bias loss must be 'gce' or 'ce', got {kind!r}")
+    return masked_mean(per_sample, mask)

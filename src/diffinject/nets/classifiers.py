@@ -1,4 +1,5 @@
-"""Classifier networks: the LfF MLP for Colored MNIST and a torchvision ResNet-18 for the rest.
+"""Classifier networks: the LfF MLP for Colored MNIST, a torchvision ResNet-18 for the rest, and DisEnt's
+two-encoder network built from the same parts.
 
 Every network takes images in [0, 1] (the data modules never normalise); any normalisation lives inside the
 network, so checkpoints, top-K scoring and the debiased classifier all see the same preprocessing.
@@ -39,13 +40,19 @@ class MLPClassifier(nn.Sequential):
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (100, 100, 100)) -> None:
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = in_features
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
-            width = size
-        layers.append(nn.Linear(width, num_classes))
+        layers = mlp_layers(in_features, hidden)
+        layers.append(nn.Linear(hidden[-1] if hidden else in_features, num_classes))
         super().__init__(*layers)
+
+
+def mlp_layers(in_features: int, hidden: tuple[int, ...]) -> list[nn.Module]:
+    """flatten → [Linear → ReLU] per hidden width (the feature part of every CMNIST MLP)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+        width = size
+    return layers
 
 
 def _imagenet_resnet18_state_dict() -> dict[str, torch.Tensor]:
@@ -95,3 +102,53 @@ def build_classifier(
     if arch == "resnet18":
         return build_resnet18(num_classes, in_channels, pretrained)
     raise ValueError(f"unknown classifier arch {arch!r}; expected one of {ARCHS}")
+
+
+#: DisEnt's CMNIST encoder widths (`MLP_DISENTANGLE`: 2352 → 100 → 100 → 16, ReLU after each, research §6)
+DISENT_MLP_HIDDEN = (100, 100, 16)
+
+
+def build_encoder(
+    arch: str, in_channels: int, image_size: int, pretrained: bool = False
+) -> tuple[nn.Module, int]:
+    """A feature extractor and its output width: the DisEnt MLP (16-d) or ResNet-18 without fc (512-d).
+
+    DisEnt's ResNet reads z from a hook on `avgpool`; dropping `fc` gives the same 512-d vector directly.
+    """
+    if arch == "mlp":
+        if pretrained:
+            raise ValueError("arch='mlp' has no pretrained weights; set pretrained: false")
+        return nn.Sequential(*mlp_layers(in_channels * image_size * image_size, DISENT_MLP_HIDDEN)), 16
+    if arch == "resnet18":
+        net = build_resnet18(1, in_channels, pretrained)
+        net[1].fc = nn.Identity()
+        return net, 512
+    raise ValueError(f"unknown classifier arch {arch!r}; expected one of {ARCHS}")
+
+
+class DisEntNet(nn.Module):
+    """DisEnt (Lee et al. 2021): intrinsic and bias encoders whose features z = [z_i, z_b] feed two linear
+    heads, C_i (the debiased classifier, 32 → C for the MLP, 1024 → C for ResNet-18) and C_b (the bias head).
+
+    `forward` is the intrinsic prediction C_i([z_i, z_b]) the stage evaluates, as DisEnt's `evaluate_ours`.
+    """
+
+    def __init__(
+        self, arch: str, num_classes: int, in_channels: int, image_size: int, pretrained: bool = False
+    ) -> None:
+        super().__init__()
+        self.encoder_i, width = build_encoder(arch, in_channels, image_size, pretrained)
+        self.encoder_b, _ = build_encoder(arch, in_channels, image_size, pretrained)
+        self.head_i = nn.Linear(2 * width, num_classes)
+        self.head_b = nn.Linear(2 * width, num_classes)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_i, z_b), each N × width."""
+        return self.encoder_i(images), self.encoder_b(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head_i(torch.cat(self.features(images), dim=1))
+
+    def bias_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """C_b([z_i, z_b]): the bias head's prediction (monitoring only)."""
+        return self.head_b(torch.cat(self.features(images), dim=1))
