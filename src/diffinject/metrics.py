@@ -17,6 +17,10 @@ from torchmetrics import Metric
 
 METRIC_NAMES = ("acc", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc_group_mean")
 PSEUDO_BALANCED = "val/acc_pseudo_balanced"
+#: the effective size Σw of the pseudo-conflicting validation group (see `PseudoGroupAccuracy`)
+PSEUDO_CONFLICTING_SIZE = "val/pseudo_conflicting_size"
+#: default minimum of that size for the pseudo-group rule to select checkpoints (`selection_fallback`)
+SELECTION_MIN_GROUP = 16.0
 
 
 def selection_monitor(selection_bias: str | None) -> str:
@@ -94,12 +98,18 @@ def to_floats(values: dict[str, torch.Tensor], prefix: str = "") -> dict[str, fl
 
 
 class PseudoGroupAccuracy(Metric):
-    """Validation accuracy balanced over groups a *biased model* defines: it agrees with the label or not.
+    """Validation accuracy balanced over two groups a *biased model* defines, softly: "it is right" / "wrong".
 
-    Label-free model selection: on a biased validation split, plain accuracy rewards the shortcut (the
-    aligned majority), so it picks early, biased epochs. The GCE bias model is wrong mostly on
-    bias-conflicting images, so "bias model wrong" is an unsupervised stand-in for the conflicting group.
-    The score is the mean accuracy of the non-empty groups ("agree", "disagree"); NaN when none.
+    Label-free model selection: on a biased validation split, plain accuracy rewards the shortcut (the aligned
+    majority), so it picks early, biased epochs. The GCE bias model fails mostly on bias-conflicting images,
+    so its failures stand in for the conflicting group. Each image belongs to the pseudo-conflicting group
+    with weight w = 1 − p_B(label | image) (the bias model's softmax) and to the pseudo-aligned group with
+    1 − w; the score is the mean of the two weighted accuracies (of the groups with any weight).
+
+    Why soft: a hard right/wrong split flips images in and out on tiny probability changes and ignores how
+    sure the bias model is; the soft weights give the same groups when the bias model is confident (GCE makes
+    it so) and a smooth, stable score otherwise. `conflicting_size` = Σw is the group's effective size, which
+    `selection_fallback` uses. Given class ids instead of logits for the bias model, w is 0/1 (the hard rule).
     """
 
     full_state_update = False
@@ -108,25 +118,56 @@ class PseudoGroupAccuracy(Metric):
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
+        # index 0: pseudo-aligned (bias model right), 1: pseudo-conflicting (bias model wrong)
+        self.add_state("weight", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, bias_preds: torch.Tensor) -> None:
-        """`preds`, `bias_preds`: logits (N × C) or class ids (N) of the model and the bias model."""
+        """`preds`: logits (N × C) or ids (N); `bias_preds`: the bias model's logits (soft) or ids (hard)."""
         if preds.ndim == 2:
             preds = preds.argmax(dim=1)
-        if bias_preds.ndim == 2:
-            bias_preds = bias_preds.argmax(dim=1)
-        if not preds.shape == target.shape == bias_preds.shape:
+        n = target.shape[0]
+        if not preds.shape == target.shape or bias_preds.shape[0] != n or bias_preds.ndim > 2:
             raise ValueError(
                 f"shape mismatch: preds {preds.shape}, target {target.shape}, bias_preds {bias_preds.shape}"
             )
-        group = F.one_hot((bias_preds != target).long(), 2)  # column 0: bias model right, 1: wrong
-        self.correct += (group * (preds == target).long()[:, None]).sum(0)
-        self.total += group.sum(0)
+        if bias_preds.ndim == 2:
+            p_label = bias_preds.double().softmax(dim=1).gather(1, target.long()[:, None]).squeeze(1)
+            conflicting = 1.0 - p_label
+        else:
+            conflicting = (bias_preds != target).double()
+        right = (preds == target).double()
+        groups = torch.stack([1.0 - conflicting, conflicting])  # 2 × N
+        self.weight += groups.sum(1)
+        self.correct += (groups * right).sum(1)
+
+    def compute_groups(self) -> dict[str, torch.Tensor]:
+        """balanced (the score), aligned / conflicting weighted accuracies and their effective sizes."""
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=self.weight.device)
+        acc = [self.correct[g] / self.weight[g] if self.weight[g] > 0 else nan for g in (0, 1)]
+        present = [a for a, w in zip(acc, self.weight, strict=True) if w > 0]
+        return {
+            "balanced": torch.stack(present).mean() if present else nan,
+            "aligned": acc[0],
+            "conflicting": acc[1],
+            "aligned_size": self.weight[0],
+            "conflicting_size": self.weight[1],
+        }
 
     def compute(self) -> torch.Tensor:
-        nonempty = self.total > 0
-        if not nonempty.any():
-            return torch.tensor(math.nan, dtype=torch.float64, device=self.total.device)
-        return (self.correct[nonempty].double() / self.total[nonempty].double()).mean()
+        return self.compute_groups()["balanced"]
+
+
+def selection_fallback(conflicting_size: float, min_group: float) -> bool:
+    """Whether the pseudo-group rule is too noisy to select a checkpoint: fewer than `min_group` effective
+    pseudo-conflicting validation images.
+
+    Why a minimum: the groups are fixed for a run (one bias model, one validation split), so every epoch is
+    scored on the same few "bias model wrong" images. With n of them, one image moves the score by 1/(2n) and
+    the group's accuracy has a binomial standard error up to 0.5/√n; at 1 % conflicting (≈ 9 of 400 images on
+    the embedded CMNIST) an early, biased epoch wins by chance, and a fully biased epoch can win outright
+    when the group is mostly aligned images the bias model happens to miss. Below the minimum (default 16:
+    standard error ≤ 12.5 points) the stage keeps the *last* epoch instead, LfF's own protocol (it saves the
+    final model), recorded as the selection rule in metrics.json.
+    """
+    return conflicting_size < min_group

@@ -5,9 +5,11 @@ selection on validation only (bias labels are read for reporting, never for trai
 `metrics.json` written into the run folder at test time. LfF lives in `stages/lff.py`.
 
 Selection: `val/acc` by default; with `selection_bias` (the bias stage's checkpoint)
-`val/acc_pseudo_balanced`, the mean validation accuracy over "the GCE bias model is right / wrong" (see
-`metrics.PseudoGroupAccuracy`): label-free, and it does not reward the shortcut the way accuracy on a
-biased split does.
+`val/acc_pseudo_balanced`, the mean validation accuracy over "the GCE bias model is right / wrong", soft
+weights from its confidence (see `metrics.PseudoGroupAccuracy`): label-free, and it does not reward the
+shortcut the way accuracy on a biased split does. When the pseudo-conflicting group is smaller than
+`selection_min_group` effective images the score is noise, and `best.ckpt` is the last epoch instead
+(`metrics.selection_fallback`); metrics.json records which rule chose the tested checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from diffinject.losses import gce_loss
 from diffinject.metrics import (
     METRIC_NAMES,
     PSEUDO_BALANCED,
+    PSEUDO_CONFLICTING_SIZE,
+    SELECTION_MIN_GROUP,
     GroupedAccuracy,
     PseudoGroupAccuracy,
+    selection_fallback,
     selection_monitor,
     to_floats,
 )
@@ -76,6 +81,8 @@ class ClassifierModule(LightningModule):
         num_bias_classes: number of bias values for the grouped metrics (default: num_classes).
         selection_bias: a bias-stage checkpoint (`{bias}/checkpoints/best.ckpt`); when set, `best.ckpt` is
             the epoch with the best `val/acc_pseudo_balanced` instead of `val/acc` (label-free either way).
+        selection_min_group: with `selection_bias`, the fewest effective pseudo-conflicting validation images
+            the pseudo-group rule needs; below it `best.ckpt` is the last epoch (0 = never fall back).
     """
 
     def __init__(
@@ -89,10 +96,11 @@ class ClassifierModule(LightningModule):
         weight_decay: float = 0.0,
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
+        selection_min_group: float = SELECTION_MIN_GROUP,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = build_classifier(arch, num_classes, in_channels, image_size, pretrained)
+        self.net = self.build_net()
         bias_classes = num_bias_classes or num_classes
         self.val_metrics = GroupedAccuracy(num_classes, bias_classes)
         self.test_metrics = GroupedAccuracy(num_classes, bias_classes)
@@ -101,6 +109,13 @@ class ClassifierModule(LightningModule):
         self._selection_net: list[nn.Module] = []
         self.val_summary: dict[str, float | None] = {}
         self.loaded_checkpoint: dict[str, Any] = {}
+        self._best_checkpoint: list[ModelCheckpoint] = []
+        self.selection: dict[str, Any] = {"rule": self.monitor}
+
+    def build_net(self) -> nn.Module:
+        """The evaluated network (DisEnt overrides it with its two-encoder network)."""
+        h = self.hparams
+        return build_classifier(h.arch, h.num_classes, h.in_channels, h.image_size, h.pretrained)
 
     @property
     def monitor(self) -> str:
@@ -141,6 +156,7 @@ class ClassifierModule(LightningModule):
             enable_version_counter=False,
         )
         last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, enable_version_counter=False)
+        self._best_checkpoint = [best]
         return [best, last]
 
     # -- training --------------------------------------------------------------------------------------
@@ -182,12 +198,38 @@ class ClassifierModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         summary = self._eval_epoch_end(self.val_metrics, "val")
         if self.val_pseudo is not None and self._selection_net:
-            value = self.val_pseudo.compute()
+            groups = self.val_pseudo.compute_groups()  # synchronised over ranks by torchmetrics
             self.val_pseudo.reset()
-            self.log(PSEUDO_BALANCED, value.float(), sync_dist=True)
-            summary.update(to_floats({PSEUDO_BALANCED: value}))
+            values = {
+                PSEUDO_BALANCED: groups["balanced"],
+                PSEUDO_CONFLICTING_SIZE: groups["conflicting_size"],
+            }
+            for name, value in values.items():
+                self.log(name, value.float(), sync_dist=True)
+            summary.update(to_floats(values))
+            if not self.trainer.sanity_checking:
+                self._apply_selection_fallback(float(groups["conflicting_size"]))
         if not self.trainer.sanity_checking:
             self.val_summary = {**summary, "epoch": self.current_epoch, "step": self.global_step}
+
+    def _apply_selection_fallback(self, conflicting_size: float) -> None:
+        """Keep the last epoch as `best.ckpt` when the pseudo-conflicting group is too small to trust.
+
+        The group depends only on the bias model and the validation split, so the decision is the same at
+        every epoch of a run; it is taken before the checkpoint callback saves (module hooks run first).
+        """
+        min_group = float(self.hparams.get("selection_min_group") or 0.0)
+        fallback = selection_fallback(conflicting_size, min_group)
+        rule = "last epoch" if fallback else PSEUDO_BALANCED
+        self.selection = {"rule": rule, "pseudo_conflicting_size": conflicting_size, "min_group": min_group}
+        best = self._best_checkpoint[0] if self._best_checkpoint else None
+        if fallback and best is not None and best.monitor is not None:
+            best.monitor = None  # a monitor-less ModelCheckpoint saves every epoch: best.ckpt = last epoch
+            rank_zero_warn(
+                f"{type(self).__name__}: only {conflicting_size:.1f} effective pseudo-conflicting validation "
+                f"images (< selection_min_group={min_group:g}): {PSEUDO_BALANCED} would be noise, so "
+                "best.ckpt is the last epoch"
+            )
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         # Under DDP the DistributedSampler pads with repeats: test on one device for exact counts.
@@ -207,6 +249,7 @@ class ClassifierModule(LightningModule):
             "val": val or None,
             "checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
             "checkpoint_epoch": self.loaded_checkpoint.get("epoch"),
+            "selection": self.loaded_checkpoint.get("selection", self.selection),
             "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
             "hparams": {k: v for k, v in self.hparams.items() if not str(k).startswith("_")},
             **self.extra_metrics(),
@@ -222,7 +265,11 @@ class ClassifierModule(LightningModule):
 
     # -- checkpoints: keep the selected epoch's validation metrics with the weights ---------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"val": dict(self.val_summary), "epoch": self.current_epoch}
+        checkpoint[CHECKPOINT_KEY] = {
+            "val": dict(self.val_summary),
+            "epoch": self.current_epoch,
+            "selection": dict(self.selection),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_checkpoint = dict(checkpoint.get(CHECKPOINT_KEY, {}))
@@ -320,6 +367,7 @@ class DebiasClassifier(ClassifierModule):
         weight_decay: float = 0.0,
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
+        selection_min_group: float = SELECTION_MIN_GROUP,
         loss: str = "ce",
         q: float = 0.7,
         require_synthetic: bool = True,
@@ -336,6 +384,7 @@ class DebiasClassifier(ClassifierModule):
             weight_decay,
             num_bias_classes,
             selection_bias,
+            selection_min_group,
         )
         self.num_original: int | None = None
         self.num_synthetic: int | None = None
