@@ -9,6 +9,13 @@ it does not matter how the sampler split the data), selects the top-K and writes
   - `topk_summary.json`: K, counts and, when bias labels exist, the top-K precision (fraction conflicting).
 The selection itself is the pure function `select_topk`. Shards are files beside the output, so a multi-node
 run needs that folder on a shared filesystem (as the checkpoints do).
+
+`k_source="be"`: the contents come from a BiasEnsemble committee instead of the single GCE model
+(`stages/bias_ensemble.py`, trained at the start of the run or read from `bias_ensemble.csv` beside the
+output): the images the committee does *not* flag as bias-aligned, ranked by the committee's mean CE, K per
+class; a class with fewer than K unflagged images is filled with its flagged ones of highest committee loss
+(counted as `num_flagged_selected`). Same file format, `loss` = committee loss, so the inject stage is
+unchanged; the summary also gives the GCE top-K's precision (`gce_precision`) and the committee's own.
 """
 
 from __future__ import annotations
@@ -25,16 +32,28 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
+from diffinject.nets import build_classifier
+from diffinject.stages.bias_ensemble import EnsembleOptions, ensure_committee, read_committee
+
+K_SOURCES = ("gce", "be")
 COLUMNS = ("index", "label", "loss", "rank", "bias")
 _KEYS = ("index", "label", "bias", "loss")
 
 
 def rank_scores(
-    index: torch.Tensor, label: torch.Tensor, loss: torch.Tensor, per_class: bool = True
+    index: torch.Tensor,
+    label: torch.Tensor,
+    loss: torch.Tensor,
+    per_class: bool = True,
+    demote: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """1-based rank by descending loss (within each class if per_class); ties → lower index first."""
+    """1-based rank by descending loss (within each class if per_class); ties → lower index first.
+
+    `demote` (bool per item, e.g. BiasEnsemble's flagged images) ranks those items after all the others.
+    """
     losses, indices, labels = loss.tolist(), index.tolist(), label.tolist()
-    order = sorted(range(len(indices)), key=lambda i: (-losses[i], indices[i]))
+    last = demote.tolist() if demote is not None else [False] * len(indices)
+    order = sorted(range(len(indices)), key=lambda i: (bool(last[i]), -losses[i], indices[i]))
     ranks = torch.zeros(len(indices), dtype=torch.long)
     counters: dict[int, int] = {}
     for position in order:
@@ -45,10 +64,13 @@ def rank_scores(
 
 
 def select_topk(scores: dict[str, torch.Tensor], k: int, per_class: bool = True) -> list[dict[str, Any]]:
-    """Rows (dicts with COLUMNS) of the K highest-loss items per class (or overall), by (label, rank)."""
+    """Rows (dicts with COLUMNS) of the K highest-loss items per class (or overall), by (label, rank).
+
+    With a "flagged" entry in `scores` (k_source be), unflagged items come first, flagged ones only fill up.
+    """
     if k < 1:
         raise ValueError(f"top-K needs k >= 1, got {k}")
-    ranks = rank_scores(scores["index"], scores["label"], scores["loss"], per_class)
+    ranks = rank_scores(scores["index"], scores["label"], scores["loss"], per_class, scores.get("flagged"))
     rows = [row for row in _rows(scores, ranks) if row["rank"] <= k]
     return sorted(rows, key=lambda r: (r["label"], r["rank"]) if per_class else (r["rank"],))
 
@@ -120,12 +142,29 @@ class TopKWriter(BasePredictionWriter):
         k: items per class (per_class) or in total.
         per_class: rank within each ground-truth class (DiffInject's default, K = 10) or globally.
         write_scores: also write every item's score to `<stem>_scores.csv`.
+        k_source: "gce" (the bias stage's GCE model, the paper) or "be" (a BiasEnsemble committee; see the
+            module docstring). With "be", set k to the inject stage's K: that stage re-ranks
+            `topk_scores.csv` by loss alone when its K exceeds the rows per class here.
+        bias_ensemble: the committee's options (`EnsembleOptions` keys) for k_source "be"; lr defaults to
+            the scoring model's.
     """
 
-    def __init__(self, output: str, k: int = 10, per_class: bool = True, write_scores: bool = True) -> None:
+    def __init__(
+        self,
+        output: str,
+        k: int = 10,
+        per_class: bool = True,
+        write_scores: bool = True,
+        k_source: str = "gce",
+        bias_ensemble: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         if k < 1:
             raise ValueError(f"TopKWriter k must be >= 1, got {k}")
+        if k_source not in K_SOURCES:
+            raise ValueError(f"TopKWriter k_source must be one of {K_SOURCES}, got {k_source!r}")
+        self.k_source = k_source
+        self.ensemble = EnsembleOptions.parse(bias_ensemble or {}) if k_source == "be" else None
         self.output = Path(output)
         self.k = k
         self.per_class = per_class
@@ -137,6 +176,18 @@ class TopKWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._chunks = []
+        if self.ensemble is not None:
+            h = pl_module.hparams
+
+            def make_net() -> torch.nn.Module:
+                return build_classifier(h.arch, h.num_classes, h.in_channels, h.image_size, h.pretrained)
+
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                ensure_committee(
+                    self.output.parent, self.ensemble, h.get("lr", 1e-3), make_net,
+                    trainer.datamodule, pl_module.device, trainer,
+                )  # fmt: skip
 
     def write_on_batch_end(
         self,
@@ -177,20 +228,53 @@ class TopKWriter(BasePredictionWriter):
         if len(order) > 1:
             keep[1:] = merged["index"][1:] != merged["index"][:-1]
         scores = {key: value[keep] for key, value in merged.items()}
+        gce_rows = select_topk(scores, self.k, self.per_class)
+        extra: dict[str, Any] = {"k_source": self.k_source}
+        if self.k_source == "be":
+            scores, extra = self._committee_scores(scores, gce_rows)
 
         rows = select_topk(scores, self.k, self.per_class)
         write_rows_atomic(self.output, rows)
         if self.write_scores:
-            all_rows = _rows(
-                scores, rank_scores(scores["index"], scores["label"], scores["loss"], self.per_class)
+            ranks = rank_scores(
+                scores["index"], scores["label"], scores["loss"], self.per_class, scores.get("flagged")
             )
-            write_rows_atomic(self.output.with_name(f"{self.output.stem}_scores.csv"), all_rows)
+            write_rows_atomic(self.output.with_name(f"{self.output.stem}_scores.csv"), _rows(scores, ranks))
         for path in shards:
             path.unlink(missing_ok=True)
-        self._summarise(trainer, pl_module, scores, rows)
+        if self.k_source == "be":
+            flagged = dict(zip(scores["index"].tolist(), scores["flagged"].tolist(), strict=True))
+            extra["num_flagged_selected"] = sum(bool(flagged[r["index"]]) for r in rows)
+        self._summarise(trainer, pl_module, scores, rows, extra)
+
+    def _committee_scores(
+        self, scores: dict[str, torch.Tensor], gce_rows: list[dict[str, Any]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The scored items with the committee's loss and flags in place of the GCE model's CE."""
+        loaded = read_committee(self.output.parent)
+        if loaded is None:
+            raise RuntimeError(f"k_source=be: no committee in {self.output.parent} (bias_ensemble.csv)")
+        committee, info = loaded
+        position = {i: p for p, i in enumerate(committee.index.tolist())}
+        missing = [i for i in scores["index"].tolist() if i not in position]
+        if missing:
+            raise ValueError(f"bias_ensemble.csv lacks scored indices {missing[:5]}: delete it to retrain")
+        at = torch.tensor([position[i] for i in scores["index"].tolist()], dtype=torch.long)
+        be_scores = {**scores, "loss": committee.loss[at], "flagged": committee.flagged[at]}
+        extra = {
+            "k_source": "be",
+            "gce_precision": topk_precision(gce_rows),
+            "bias_ensemble": info,
+        }
+        return be_scores, extra
 
     def _summarise(
-        self, trainer: Trainer, pl_module: LightningModule, scores: dict[str, torch.Tensor], rows: list[dict]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        scores: dict[str, torch.Tensor],
+        rows: list[dict],
+        extra: dict[str, Any],
     ) -> None:
         counts: dict[int, int] = {}
         for row in rows:
@@ -216,12 +300,13 @@ class TopKWriter(BasePredictionWriter):
             **conflict_stats(scores, rows, self.k, self.per_class),
             "weights": weights,
             "output": str(self.output),
+            **extra,
         }
         path = self.output.with_name(f"{self.output.stem}_summary.json")
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
-        message = f"top-K: wrote {len(rows)} rows to {self.output}"
+        message = f"top-K ({self.k_source}): wrote {len(rows)} rows to {self.output}"
         if precision is not None:
             message += (
                 f"; precision (fraction bias-conflicting) = {precision:.3f} (base rate {base_rate:.4f})"
