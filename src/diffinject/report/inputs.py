@@ -17,8 +17,30 @@ import yaml
 from diffinject.metrics import selection_monitor
 
 #: (stage folder, name in the report); the last row is the biased reference, not a competing method.
-METHODS = (("vanilla", "Vanilla"), ("lff", "LfF"), ("debias", "DiffInject"), ("bias", "GCE bias (reference)"))
-COMPARED = ("vanilla", "lff", "debias")
+METHODS = (
+    ("vanilla", "Vanilla"),
+    ("lff", "LfF"),
+    ("disent", "DisEnt"),
+    ("lff_be", "LfF+BE"),
+    ("disent_be", "DisEnt+BE"),
+    ("debias", "DiffInject"),
+    ("bias", "GCE bias (reference)"),
+)
+COMPARED = ("vanilla", "lff", "disent", "lff_be", "disent_be", "debias")
+#: per-seed stage folders whose configs the report lists, and the order of the knob table
+SEED_STAGES = ("vanilla", "lff", "disent", "lff_be", "disent_be", "bias", "inject", "debias")
+KNOB_ORDER = (
+    "vanilla",
+    "lff",
+    "disent",
+    "lff_be",
+    "disent_be",
+    "bias",
+    "topk",
+    "diffusion",
+    "inject",
+    "debias",
+)
 COLUMNS = (
     ("test/acc", "overall"),
     ("test/acc_aligned", "aligned"),
@@ -38,8 +60,19 @@ KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
         ("model", "alpha"),
         ("trainer", "max_epochs"),
     ),
+    "disent": (
+        ("model", "arch"),
+        ("model", "lr"),
+        ("model", "swap_start"),
+        ("model", "lambda_swap"),
+        ("model", "lambda_dis_align"),
+        ("model", "lambda_swap_align"),
+        ("model", "lr_decay_step"),
+        ("model", "lr_gamma"),
+        ("trainer", "max_epochs"),
+    ),
     "bias": (("model", "arch"), ("model", "lr"), ("model", "q"), ("trainer", "max_epochs")),
-    "topk": (("topk", "k"), ("topk", "per_class")),
+    "topk": (("topk", "k"), ("topk", "per_class"), ("topk", "k_source")),
     "diffusion": (
         ("model", "unet_preset"),
         ("trainer", "max_steps"),
@@ -67,6 +100,8 @@ KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
         ("data", "synthetic_control"),
     ),
 }
+KEY_KNOBS["lff_be"] = (*KEY_KNOBS["lff"], ("model", "bias_ensemble"))
+KEY_KNOBS["disent_be"] = (*KEY_KNOBS["disent"], ("model", "bias_ensemble"))
 #: stage → sections whose every other scalar init arg is listed too (variants add their options there)
 ALL_ARGS: dict[str, tuple[str, ...]] = {"inject": ("model", "data"), "debias": ("model",)}
 IGNORED_ARGS = ("seed", "num_workers", "batch_size", "autocast", "autocast_inversion", "channels_last")
@@ -141,6 +176,8 @@ def _short(class_path: Any) -> Any:
 
 
 def _is_knob(value: Any) -> bool:
+    if isinstance(value, dict):  # e.g. bias_ensemble options
+        return all(_is_knob(v) for v in value.values())
     if isinstance(value, str):
         return "/" not in value  # paths are not knobs; the config file is listed anyway
     if isinstance(value, list):
@@ -180,12 +217,12 @@ def _differing_keys(knob_sets: Sequence[dict[str, Any]]) -> list[str]:
 def collect_configs(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
     """Every config file of the run and each stage's key knobs (from the first seed; differences flagged)."""
     folders: dict[str, list[Path]] = {"diffusion": [root / "diffusion"]}
-    for stage in ("vanilla", "lff", "bias", "inject", "debias"):
+    for stage in SEED_STAGES:
         folders[stage] = [root / f"seed{s}" / stage for s in seeds]
     folders["topk"] = [root / f"seed{s}" / "bias" / "topk" for s in seeds]
     files: list[str] = []
     knobs: dict[str, dict[str, Any]] = {}
-    for stage in ("vanilla", "lff", "bias", "topk", "diffusion", "inject", "debias"):
+    for stage in KNOB_ORDER:
         per_folder = []
         for folder in folders[stage]:
             path = stage_config_path(folder)
@@ -232,12 +269,20 @@ def collect_method(root: Path, stage: str, seeds: Sequence[int]) -> dict[str, An
         split = key.split("/")[0]
         entry[key] = mean_std([(m.get(split) or {}).get(key) for m in found.values()]) if found else None
     entry["checkpoint_epoch"] = {s: m.get("checkpoint_epoch") for s, m in found.items()}
-    # the rule the stage's module applied, read back from its saved hyper-parameters
-    rules = {selection_monitor((m.get("hparams") or {}).get("selection_bias")) for m in found.values()}
+    # the rule that chose the tested checkpoint: metrics.json's "selection" (e.g. the pseudo-group rule's
+    # fallback to the last epoch), else the one the saved hyper-parameters imply (older runs)
+    rules = {_selection_rule(m) for m in found.values()}
     entry["selection"] = " / ".join(sorted(rules)) if rules else None
     if stage == "debias" and found:
         entry["num_train_synthetic"] = {s: m.get("num_train_synthetic") for s, m in found.items()}
     return entry
+
+
+def _selection_rule(metrics: dict[str, Any]) -> str:
+    selection = metrics.get("selection")
+    if isinstance(selection, dict) and selection.get("rule"):
+        return str(selection["rule"])
+    return selection_monitor((metrics.get("hparams") or {}).get("selection_bias"))
 
 
 def collect_topk(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
@@ -249,8 +294,13 @@ def collect_topk(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     if not summaries:
         return None
     first = next(iter(summaries.values()))
-    result: dict[str, Any] = {"n": len(summaries), "k": first.get("k"), "per_class": first.get("per_class")}
-    for key in ("precision", "recall", "max_precision", "num_selected"):
+    result: dict[str, Any] = {
+        "n": len(summaries),
+        "k": first.get("k"),
+        "per_class": first.get("per_class"),
+        "k_source": first.get("k_source", "gce"),
+    }
+    for key in ("precision", "gce_precision", "recall", "max_precision", "num_selected"):
         values = [s.get(key) for s in summaries.values()]
         result[key] = mean_std(values) if any(v is not None for v in values) else None
     return result
