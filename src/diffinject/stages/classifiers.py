@@ -1,8 +1,9 @@
-"""Classifier stages: the GCE-biased f_B (with top-K scoring), Vanilla ERM and the debiased classifier.
+"""Classifier stages: the GCE-biased f_B (with top-K scoring) and Vanilla ERM; the debiased classifier
+(`stages/debias.py`), LfF (`stages/lff.py`) and DisEnt (`stages/disent.py`) build on the same base.
 
 All share `ClassifierModule`: one network from `build_classifier`, Adam, grouped val/test accuracy, checkpoint
 selection on validation only (bias labels are read for reporting, never for training or selection), and a
-`metrics.json` written into the run folder at test time. LfF lives in `stages/lff.py`.
+`metrics.json` written into the run folder at test time.
 
 Selection: `val/acc` by default; with `selection_bias` (the bias stage's checkpoint)
 `val/acc_pseudo_balanced`, the mean validation accuracy over "the GCE bias model is right / wrong", soft
@@ -343,91 +344,4 @@ class BiasClassifier(ClassifierModule):
             "label": batch["label"],
             "bias": batch["bias"],
             "loss": F.cross_entropy(logits.float(), batch["label"], reduction="none"),
-        }
-
-
-class DebiasClassifier(ClassifierModule):
-    """Final classifier on original ∪ synthetic data (data module's `synthetic_manifest`).
-
-    Args:
-        loss: "ce" (default) or "gce".
-        q: GCE exponent when loss="gce".
-        require_synthetic: fail when the data module adds no synthetic items (a missing manifest would
-            otherwise silently turn this into the Vanilla baseline).
-    """
-
-    def __init__(
-        self,
-        arch: str,
-        num_classes: int,
-        in_channels: int,
-        image_size: int,
-        pretrained: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        num_bias_classes: int | None = None,
-        selection_bias: str | None = None,
-        selection_min_group: float = SELECTION_MIN_GROUP,
-        loss: str = "ce",
-        q: float = 0.7,
-        require_synthetic: bool = True,
-    ) -> None:
-        if loss not in ("ce", "gce"):
-            raise ValueError(f"DebiasClassifier loss must be 'ce' or 'gce', got {loss!r}")
-        super().__init__(
-            arch,
-            num_classes,
-            in_channels,
-            image_size,
-            pretrained,
-            lr,
-            weight_decay,
-            num_bias_classes,
-            selection_bias,
-            selection_min_group,
-        )
-        self.num_original: int | None = None
-        self.num_synthetic: int | None = None
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage != "fit":
-            return
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "num_train_original"):
-            raise ValueError("DebiasClassifier needs a BiasedDataModule (with num_train_original) as data")
-        self.num_original = int(datamodule.num_train_original)
-        self.num_synthetic = len(datamodule.train_dataset) - self.num_original
-        rank_zero_info(
-            f"DebiasClassifier: training on {self.num_original} original + "
-            f"{self.num_synthetic} synthetic items"
-        )
-        if self.num_synthetic <= 0:
-            message = (
-                "DebiasClassifier: the training set has no synthetic items; set "
-                "data.init_args.synthetic_manifest to the inject stage's manifest.csv"
-            )
-            if self.hparams.require_synthetic:
-                raise ValueError(message + " (or model.init_args.require_synthetic: false for an ablation)")
-            rank_zero_warn(message)
-
-    def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if self.num_original is not None:
-            synthetic = (batch["index"] >= self.num_original).float().mean()
-            self.log(
-                "train/synthetic_frac", synthetic, on_step=False, on_epoch=True, batch_size=logits.shape[0]
-            )
-        if self.hparams.loss == "gce":
-            return gce_loss(logits, batch["label"], q=self.hparams.q)
-        return F.cross_entropy(logits.float(), batch["label"], reduction="none")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY].update(num_original=self.num_original, num_synthetic=self.num_synthetic)
-
-    def extra_metrics(self) -> dict[str, Any]:
-        saved = self.loaded_checkpoint
-        return {
-            "num_train_original": saved.get("num_original", self.num_original),
-            "num_train_synthetic": saved.get("num_synthetic", self.num_synthetic),
         }
