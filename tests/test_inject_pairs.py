@@ -6,9 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from diffinject.data.base import BiasedDataModule
+from diffinject.data.datasets import TensorImageDataset
 from diffinject.data.pairs import (
     ALIGNED_GUESS_MAX_LOSS,
+    InjectionPairsDataModule,
     Scores,
     plan_pairs,
     read_scores,
@@ -73,3 +77,47 @@ def test_read_scores_errors(tmp_path: Path) -> None:
         read_scores(bad)
     with pytest.raises(FileNotFoundError, match=r"configs/cmnist/topk\.yaml"):
         read_scores(tmp_path / "runs/cmnist/1pct/bias/topk.csv")
+
+
+def test_read_scores_refuses_negative_indices_and_non_finite_losses(tmp_path: Path) -> None:
+    bad = tmp_path / "topk.csv"
+    bad.write_text("index,label,loss\n0,1,0.5\n-3,1,0.7\n")
+    with pytest.raises(ValueError, match=r"topk\.csv, line 3: index -3 is negative"):
+        read_scores(bad)
+    for loss in ("nan", "inf", "-inf"):
+        bad.write_text(f"index,label,loss\n0,1,0.5\n1,1,{loss}\n")
+        with pytest.raises(ValueError, match=rf"topk\.csv, line 3: loss {loss} is not a finite number"):
+            read_scores(bad)
+
+
+class _TinyData(BiasedDataModule):
+    """Six training images, labels 0 0 0 1 1 1 (nothing decoded from disk)."""
+
+    name, pct, num_classes, image_size, channels = "tiny", "1pct", 2, 4, 3
+
+    def _build_train(self) -> tuple[TensorImageDataset, TensorImageDataset]:
+        labels = np.array([0, 0, 0, 1, 1, 1])
+        dataset = TensorImageDataset(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), labels, labels)
+        return dataset, dataset
+
+    def _build_val(self) -> TensorImageDataset:
+        return self._build_train()[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "pattern"),
+    [
+        ("0,0,1.0\n4,1,2.0\n9,1,3.0\n", r"names index 9 but the training split has 6 images"),
+        (
+            "0,0,1.0\n3,0,2.0\n4,1,3.0\n",
+            r"topk\.csv: 1 row\(s\) disagree with the training split's labels, e.g. index 3: label 0 in the "
+            r"file, 1 in the data",
+        ),
+    ],
+)
+def test_topk_rows_are_checked_against_the_dataset(tmp_path: Path, rows: str, pattern: str) -> None:
+    topk = tmp_path / "topk.csv"
+    topk.write_text("index,label,loss\n" + rows)
+    pairs = InjectionPairsDataModule(_TinyData(), str(topk), ratio=1.0, k=1)
+    with pytest.raises(ValueError, match=pattern):
+        pairs.setup("predict")

@@ -5,7 +5,9 @@ training image; N_syn = ratio × |train| samples (DESIGN.md "Math", "Pairing"). 
 and its noise seed from `numpy.random.default_rng([seed, i])` alone, so a sample is the same whatever the
 batch size, the number of devices, or which samples a resumed run still has to make.
 
-Top-K file: `topk.csv` (index,label,loss,rank,bias; bias is read only for reporting). The sibling
+Top-K file: `topk.csv` (index,label,loss,rank,bias; bias is read only for reporting). Each row is checked:
+indices >= 0 and inside the training split, finite losses, and labels equal to the dataset's (a file made for
+another dataset, ratio or seed is an error naming it, not a silent mismatch). The sibling
 `topk_scores.csv` (every training image's loss, written by `TopKWriter(write_scores=True)`) is used
 when present and needed: for `style_pool="aligned_guess"`, for `k_source="global"`, and when `k` exceeds
 the rows `topk.csv` holds per class.
@@ -74,17 +76,44 @@ def read_scores(path: str | Path) -> Scores:
         rows = []
         for line, row in enumerate(reader, start=2):
             try:
-                rows.append((int(row["index"]), int(row["label"]), float(row["loss"])))
+                index, label, loss = int(row["index"]), int(row["label"]), float(row["loss"])
             except (TypeError, ValueError):
                 raise ValueError(
                     f"{path}, line {line}: expected integer index/label and a float loss"
                 ) from None
+            if index < 0:
+                raise ValueError(f"{path}, line {line}: index {index} is negative; indices are 0, 1, …")
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"{path}, line {line}: loss {row['loss'].strip()} is not a finite number (a diverged "
+                    f"biased classifier?); rerun the top-K stage"
+                )
+            rows.append((index, label, loss))
     if not rows:
         raise ValueError(f"top-K file {path} has no rows")
     indices, labels, losses = (np.array(col) for col in zip(*rows, strict=True))
     if len(np.unique(indices)) != len(indices):
         raise ValueError(f"top-K file {path} lists an index twice")
     return Scores(indices.astype(np.int64), labels.astype(np.int64), losses.astype(np.float64), path)
+
+
+def check_scores(scores: Scores, labels: np.ndarray) -> None:
+    """Every row must name a training image (0 <= index < |train|) and carry that image's label; otherwise the
+    file was made for another dataset, ratio or seed, and pairs built from it would be meaningless."""
+    num_train = len(labels)
+    if scores.indices.max() >= num_train:
+        raise ValueError(
+            f"{scores.path} names index {scores.indices.max()} but the training split has {num_train} "
+            "images: was it made for another dataset or split?"
+        )
+    wrong = np.flatnonzero(labels[scores.indices] != scores.labels)
+    if wrong.size:
+        first, theirs = int(scores.indices[wrong[0]]), int(scores.labels[wrong[0]])
+        raise ValueError(
+            f"{scores.path}: {wrong.size} row(s) disagree with the training split's labels, e.g. index "
+            f"{first}: label {theirs} in the file, {int(labels[first])} in the data; was "
+            f"it made for another dataset, ratio or seed? Rerun `{topk_stage_hint(scores.path)}`"
+        )
 
 
 def _highest(indices: np.ndarray, losses: np.ndarray, k: int) -> np.ndarray:
@@ -297,7 +326,7 @@ class InjectionPairsDataModule(LightningDataModule):
     def scores_path(self) -> Path:
         return self.topk_path.with_name(f"{self.topk_path.stem}_scores.csv")
 
-    def _scores(self, num_train: int) -> tuple[Scores, Scores | None]:
+    def _scores(self, labels: np.ndarray) -> tuple[Scores, Scores | None]:
         topk = read_scores(self.topk_path)
         full = read_scores(self.scores_path) if self.scores_path.is_file() else None
         per_class_short = self.k_source == "per_class" and any(
@@ -305,11 +334,8 @@ class InjectionPairsDataModule(LightningDataModule):
         )
         needs_full = self.k_source == "global" or per_class_short
         for table in (topk, full):
-            if table is not None and table.indices.max() >= num_train:
-                raise ValueError(
-                    f"{table.path} names index {table.indices.max()} but the training split has {num_train} "
-                    "images: was it made for another dataset or split?"
-                )
+            if table is not None:
+                check_scores(table, labels)
         return (full if (needs_full and full is not None) else topk), full
 
     def prepare_data(self) -> None:
@@ -323,14 +349,14 @@ class InjectionPairsDataModule(LightningDataModule):
         if source is None:
             raise RuntimeError(f"{type(self.data).__name__}.setup('fit') did not build train_eval_dataset")
         num_train = len(source)
-        selection, full = self._scores(num_train)
+        labels, biases = _labels_and_biases(source)
+        selection, full = self._scores(labels)
         self.content_pool = select_content_pool(selection, self.k, self.k_source)
         self.style_indices = select_style_pool(num_train, self.content_pool, self.style_pool, full)
         num_samples = int(self.ratio * num_train)
         if num_samples < 1:
             raise ValueError(f"ratio={self.ratio} × {num_train} training images gives no synthetic sample")
         self.plan = plan_pairs(num_samples, self.content_pool, self.style_indices, self.seed)
-        labels, biases = _labels_and_biases(source)
         self.pairs = PairsDataset(source, self.plan, labels, biases, self.label_from)
         log.info(
             "injection pairs: %d samples, content pool %d (%s, K=%d), style pool %d (%s), label from %s",
