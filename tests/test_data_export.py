@@ -58,10 +58,20 @@ def test_layout_written(exported) -> None:
     assert sample.parent.name == str(label) and label != bias
 
 
-def test_existing_output_needs_overwrite(exported) -> None:
+def test_existing_output_is_reused_when_it_is_this_export(exported, caplog: pytest.LogCaptureFixture) -> None:
     out, original = exported
-    with pytest.raises(FileExistsError, match=r"1pct already exists; pass overwrite=True"):
+    with caplog.at_level(logging.INFO, logger="diffinject.data"):
         export_datamodule(original, out)
+    assert "already holds this export" in caplog.text
+    other = CMNISTDataModule(source="embedded", ratio=0.01, seed=1)
+    with pytest.raises(FileExistsError, match=r"1pct holds an export made with other settings \(seed: 0 the"):
+        export_datamodule(other, out)
+    (out / "cmnist" / "1pct" / "export_info.json").rename(out / "info.json")  # an export of unknown origin
+    try:
+        with pytest.raises(FileExistsError, match=r"1pct already exists and has no export_info.json"):
+            export_datamodule(original, out)
+    finally:
+        (out / "info.json").rename(out / "cmnist" / "1pct" / "export_info.json")
 
 
 def _tiny_tree(root: Path, pcts: tuple[str, ...], test_names: tuple[str, ...] = ("6_0_1", "7_1_1")) -> None:
@@ -91,10 +101,10 @@ def test_second_ratio_shares_the_test_split(tmp_path: Path, caplog: pytest.LogCa
     export_datamodule(_toy(tmp_path / "src", "1pct"), out)
     with caplog.at_level(logging.INFO, logger="diffinject.data"):
         export_datamodule(_toy(tmp_path / "src", "5pct"), out)
-    assert "already holds this test split; reusing it" in caplog.text
+    assert "test already holds this export" in caplog.text
     assert len(list((out / "toy" / "5pct").rglob("*.png"))) == 6
     _tiny_tree(tmp_path / "other", ("2pct",), test_names=("8_0_0", "9_1_0"))
-    with pytest.raises(FileExistsError, match="exists with other files"):
+    with pytest.raises(FileExistsError, match=r"test holds an export made with other settings \(source: "):
         export_datamodule(_toy(tmp_path / "other", "2pct"), out)
     export_datamodule(_toy(tmp_path / "other", "2pct"), out, overwrite=True)
     assert sorted(p.name for p in (out / "toy" / "test").rglob("*.png")) == [
@@ -111,8 +121,9 @@ def test_cli_exports_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFi
     back = FolderDataModule(str(tmp_path / "out"), "toy", "1pct", image_size=8, num_classes=2, num_workers=0)
     back.setup("fit")
     assert len(back.train_dataset) == 4 and Image.open(back.train_eval_dataset.paths[0]).size == (8, 8)
-    # errors are one line on stderr and exit status 1
-    assert main([*args, "--image-size", "8", "--num-classes", "2", "--out", str(tmp_path / "out")]) == 1
+    # the same export again is kept; another one is one line on stderr and exit status 1
+    assert main([*args, "--image-size", "8", "--num-classes", "2", "--out", str(tmp_path / "out")]) == 0
+    assert main([*args, "--image-size", "6", "--num-classes", "2", "--out", str(tmp_path / "out")]) == 1
     assert "error:" in capsys.readouterr().err
     assert main(["export", "cmnist", "--ratio", "2", "--out", str(tmp_path / "x")]) == 1
     assert "ratio must be a fraction" in capsys.readouterr().err

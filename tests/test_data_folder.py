@@ -137,13 +137,20 @@ def test_unparseable_names_listed_up_to_five(tmp_path: Path) -> None:
 def test_corrupt_image_errors_with_path(tmp_path: Path) -> None:
     dataset = make_tree(tmp_path)
     broken = dataset / "1pct" / "align" / "1" / "4_1_1.png"
-    broken.write_bytes(broken.read_bytes()[:40])  # truncated PNG
+    broken.write_bytes(broken.read_bytes()[:-30])  # truncated PNG: the header reads, the pixels do not
     dm = _dm(tmp_path, augment=False)
     dm.setup("fit")
     with pytest.raises(BadImageError, match="4_1_1.png.*on_bad_image='skip'"):
         dm.train_eval_dataset[4]
     with pytest.raises(BadImageError, match="4_1_1.png"):
         list(dm.train_dataloader())
+
+
+def test_unidentifiable_image_fails_setup_naming_it(tmp_path: Path) -> None:
+    dataset = make_tree(tmp_path)
+    (dataset / "1pct" / "align" / "1" / "4_1_1.png").write_bytes(b"not an image at all")
+    with pytest.raises(BadImageError, match=r"1 image\(s\) in training split .*\n.*4_1_1\.png: cannot ident"):
+        _dm(tmp_path).setup("fit")
 
 
 def test_corrupt_image_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

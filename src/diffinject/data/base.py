@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from diffinject.data.datasets import LabeledConcatDataset, Transform, image_is_readable
+from diffinject.data.datasets import (
+    BadImageError,
+    LabeledConcatDataset,
+    Transform,
+    check_image,
+    conversion_summary,
+)
 from diffinject.data.protocol import conflict_summary
 from diffinject.data.synthetic import (
     SyntheticControl,
@@ -33,14 +39,43 @@ log = logging.getLogger("diffinject.data")
 BadImagePolicy = Literal["error", "skip"]
 
 
-def readable_mask(paths: Sequence[str | Path], what: str) -> np.ndarray:
-    """`on_bad_image='skip'` scan: which files PIL can verify; logs how many were dropped and which."""
-    keep = np.array([image_is_readable(p) for p in paths], dtype=bool)
-    bad = [str(p) for p, ok in zip(paths, keep, strict=True) if not ok]
+def screen_images(
+    paths: Sequence[str | Path],
+    what: str,
+    policy: BadImagePolicy,
+    channels: int,
+    image_size: int | None,
+    log_conversions: bool = True,
+) -> np.ndarray:
+    """Check every file of a split once, at setup; returns which to keep.
+
+    "skip" decodes each file (as the loader would) and drops the failures, logging a count and the reasons;
+    "error" reads the headers only and raises BadImageError listing unreadable or decompression-bomb sized
+    files (damaged pixel data then fails in the loader, naming the file). Either way the conversions the
+    loader will make (mode, 16-bit, size) are logged in one line, so nothing is changed without a word.
+    """
+    checks = [check_image(p, channels, decode=policy == "skip") for p in paths]
+    bad = [(str(p), c.problem) for p, c in zip(paths, checks, strict=True) if c.problem is not None]
     if bad:
-        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        log.warning("on_bad_image='skip': dropped %d unreadable image(s) from %s: %s", len(bad), what, shown)
-    return keep
+        shown = "\n  ".join(f"{p}: {problem}" for p, problem in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        if policy == "error":
+            raise BadImageError(
+                f"{len(bad)} image(s) in {what} cannot be used:\n  {shown}{more}\nfix or remove them, or set "
+                f"on_bad_image='skip' to drop unusable files (they are counted in the log)"
+            )
+        log.warning(
+            "on_bad_image='skip': dropped %d unreadable image(s) from %s:\n  %s%s",
+            len(bad),
+            what,
+            shown,
+            more,
+        )
+    usable = [c for c in checks if c.problem is None]
+    summary = conversion_summary(usable, channels, image_size) if log_conversions else None
+    if summary:
+        log.warning("%s: %s", what, summary)
+    return np.array([c.problem is None for c in checks], dtype=bool)
 
 
 class BiasedDataModule(LightningDataModule):
@@ -53,11 +88,13 @@ class BiasedDataModule(LightningDataModule):
         seed: data seed (split and bias assignment of generated datasets); independent of the global seed.
         synthetic_manifest: CSV of synthetic images (index,label,path) appended to the training split only,
             with `index = num_train_original + row` and `bias = -1`.
-        on_bad_image: "error" raises on an unreadable image, naming it; "skip" drops unreadable files at setup
-            and logs how many.
+        on_bad_image: "error" raises on an unreadable image, naming it; "skip" decodes every file at setup,
+            drops the unreadable ones and logs how many (see `screen_images`).
         synthetic_control: "none" (default), or a control experiment on the synthetic set: "uniform_colour"
             (every synthetic image replaced by one colour field, uniform in [0, 1]^C, labels kept) or
             "shuffle_labels" (the manifest's labels permuted, images kept); fixed seed, rank-independent.
+        synthetic_allow_outside: accept manifest paths outside the manifest's folder ('..' or absolute); off,
+            such a path is an error (the inject stage only writes paths inside its folder).
     """
 
     name: str = "dataset"
@@ -77,6 +114,7 @@ class BiasedDataModule(LightningDataModule):
         synthetic_manifest: str | None = None,
         on_bad_image: BadImagePolicy = "error",
         synthetic_control: SyntheticControl = "none",
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -93,6 +131,7 @@ class BiasedDataModule(LightningDataModule):
         self.on_bad_image: BadImagePolicy = on_bad_image
         check_synthetic_control(synthetic_control)
         self.synthetic_control: SyntheticControl = synthetic_control
+        self.synthetic_allow_outside = bool(synthetic_allow_outside)
         self.train_dataset: Dataset | None = None
         self.train_eval_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -133,11 +172,18 @@ class BiasedDataModule(LightningDataModule):
             self._log_split("test", self.test_dataset)
 
     def _synthetic_part(self) -> Dataset:
-        manifest = read_synthetic_manifest(self.synthetic_manifest, self.num_classes)
-        if self.on_bad_image == "skip":
-            manifest = manifest.subset(
-                readable_mask(manifest.paths, f"synthetic manifest {manifest.csv_path}")
-            )
+        manifest = read_synthetic_manifest(
+            self.synthetic_manifest, self.num_classes, allow_outside=self.synthetic_allow_outside
+        )
+        keep = screen_images(
+            manifest.paths,
+            f"synthetic manifest {manifest.csv_path}",
+            self.on_bad_image,
+            self.channels,
+            self.image_size,
+            log_conversions=self.synthetic_control != "uniform_colour",  # its pixels are never served
+        )
+        manifest = manifest.subset(keep)
         dataset = synthetic_dataset(
             manifest,
             self.channels,
@@ -157,6 +203,24 @@ class BiasedDataModule(LightningDataModule):
                 else "manifest labels permuted, images kept",
             )
         return dataset
+
+    # ----------------------------------------------------------------- identity (export)
+    def folder_source(self) -> Path | None:
+        """The `{root}/{name}/{pct}` folder this module reads its splits from, if any (after setup)."""
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the data served (after setup, when sources are resolved): an export records it in
+        `export_info.json` and compares it with the next request; subclasses add their parameters."""
+        return {
+            "dataset": type(self).__name__,
+            "name": self.name,
+            "pct": self.pct,
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "on_bad_image": self.on_bad_image,
+        }
 
     def _log_split(self, split: str, dataset: Dataset) -> None:
         log.info("%s %s %s: %s", self.name, self.pct, split, conflict_summary(dataset.labels, dataset.biases))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -28,7 +29,7 @@ from diffinject.data.base import BiasedDataModule
 from diffinject.data.corruptions import TYPE0, corrupt
 from diffinject.data.datasets import Transform
 from diffinject.data.folder import FolderSplits, crop_flip
-from diffinject.data.layout import atomic_directory, write_split
+from diffinject.data.layout import write_split
 from diffinject.data.protocol import (
     assign_biased,
     assign_uniform,
@@ -38,6 +39,7 @@ from diffinject.data.protocol import (
     stratified_split,
 )
 from diffinject.data.synthetic import SyntheticControl
+from diffinject.data.tempdirs import atomic_directory
 
 log = logging.getLogger("diffinject.data")
 
@@ -50,6 +52,30 @@ def cifar10_present(root: str | Path) -> bool:
     return all((Path(root) / CIFAR_DIR / f).is_file() for f in CIFAR_FILES)
 
 
+def _corrupt_cifar10(root: str | Path, error: Exception) -> ValueError:
+    """Why torchvision refused a CIFAR-10 copy (which files fail its MD5 check), and the fix."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder = Path(root) / CIFAR_DIR
+    expected = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    bad = [
+        f"{folder / name} (expected MD5 {md5})"
+        for name, md5 in expected
+        if not check_integrity(str(folder / name), md5)
+    ]
+    what = (
+        f"{len(bad)} file(s) are missing or fail torchvision's MD5 check: {', '.join(bad)}"
+        if bad
+        else f"torchvision could not read it ({type(error).__name__}: {error})"
+    )
+    return ValueError(
+        f"CIFAR-10 in {folder} is unusable: {what}. To fix it, delete {folder} (and "
+        f"{Path(root) / CIFAR10.filename} if present) and download it again: download=True (needs internet), "
+        f"or fetch {CIFAR10.url} and extract it into {root}"
+    )
+
+
 def load_cifar10_arrays(root: str | Path, download: bool = False) -> tuple[np.ndarray, ...]:
     """CIFAR-10 as (train uint8 N×32×32×3, train labels, test images, test labels) via torchvision."""
     from torchvision.datasets import CIFAR10
@@ -59,8 +85,11 @@ def load_cifar10_arrays(root: str | Path, download: bool = False) -> tuple[np.nd
             f"CIFAR-10 not found: expected {', '.join(CIFAR_FILES)} in {Path(root) / CIFAR_DIR} "
             f"(torchvision's layout); place it there or pass download=True (needs internet)"
         )
-    train = CIFAR10(str(root), train=True, download=download)
-    test = CIFAR10(str(root), train=False, download=download)
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except Exception as error:  # noqa: BLE001 - torchvision's own errors name neither the file nor the fix
+        raise _corrupt_cifar10(root, error) from error
     return (
         train.data,
         np.asarray(train.targets, dtype=np.int64),
@@ -183,9 +212,17 @@ class CCIFAR10DataModule(BiasedDataModule):
         val_fraction: float = 0.1,
         augment: bool = True,
         download: bool = False,
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__(
-            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+            root,
+            batch_size,
+            num_workers,
+            seed,
+            synthetic_manifest,
+            on_bad_image,
+            synthetic_control,
+            synthetic_allow_outside,
         )
         if source not in ("auto", "folder", "torchvision"):
             raise ValueError(f"source must be auto, folder or torchvision, got {source!r}")
@@ -245,8 +282,22 @@ class CCIFAR10DataModule(BiasedDataModule):
                 self.channels,
                 self.image_size,
                 self.on_bad_image,
+                num_bias_classes=10,
             )
         return self._splits
+
+    def folder_source(self) -> Path:
+        return self.dataset_dir / self.pct
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            **super().identity(),
+            "ratio": self.ratio,
+            "seed": self.seed,
+            "severity": self.severity,
+            "val_fraction": self.val_fraction,
+            "source": os.path.abspath(self.dataset_dir),
+        }
 
     def train_transform(self) -> Transform | None:
         return crop_flip(self.image_size, 4) if self.augment else None

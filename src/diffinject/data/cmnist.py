@@ -23,8 +23,9 @@ split of the embedded source is fixed, and the test colouring does not depend on
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -186,9 +187,17 @@ class CMNISTDataModule(BiasedDataModule):
         color_std: float = 0.005,
         val_fraction: float = 0.1,
         download: bool = False,
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__(
-            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+            root,
+            batch_size,
+            num_workers,
+            seed,
+            synthetic_manifest,
+            on_bad_image,
+            synthetic_control,
+            synthetic_allow_outside,
         )
         if source not in ("auto", "embedded", "torchvision", "folder"):
             raise ValueError(f"source must be auto, embedded, torchvision or folder, got {source!r}")
@@ -220,6 +229,21 @@ class CMNISTDataModule(BiasedDataModule):
             self.resolved_source = source
         return self.resolved_source
 
+    def folder_source(self) -> Path | None:
+        return self.root / self.name / self.pct if self.resolve_source() == "folder" else None
+
+    def identity(self) -> dict[str, Any]:
+        source = self.resolve_source()
+        where = {"folder": self.root / self.name, "torchvision": self.root / "MNIST"}.get(source)
+        return {
+            **super().identity(),
+            "ratio": self.ratio,
+            "seed": self.seed,
+            "color_std": self.color_std,
+            "val_fraction": self.val_fraction,
+            "source": source if where is None else os.path.abspath(where),
+        }
+
     def _split(self, split: str) -> TensorImageDataset:
         if self._arrays is None:
             source = self.resolve_source()
@@ -242,6 +266,7 @@ class CMNISTDataModule(BiasedDataModule):
                 self.channels,
                 self.image_size,
                 self.on_bad_image,
+                num_bias_classes=10,
             )
         return self._folder
 

@@ -7,7 +7,12 @@ Both expose `labels` and `biases` arrays so split statistics never need to decod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,13 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BadImageError(RuntimeError):
-    """An image file that PIL cannot open or decode."""
+    """An image file that PIL cannot open or decode, or refuses to (decompression-bomb sized)."""
+
+
+#: modes holding more than 8 bits of grayscale; scaled (65535 → 255), since PIL's convert("L") clips at 255.
+#: "I" is how older Pillow versions open 16-bit PNGs, so it is read as 16-bit too.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 def pil_mode(channels: int) -> str:
@@ -30,18 +41,61 @@ def pil_mode(channels: int) -> str:
     raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
 
 
+def _bomb_error(path: str | Path, pixels: int | str) -> BadImageError:
+    return BadImageError(
+        f"refusing image {path}: {pixels} pixels is above the limit of {Image.MAX_IMAGE_PIXELS} "
+        f"(PIL's decompression-bomb guard, PIL.Image.MAX_IMAGE_PIXELS); such a header is most likely broken "
+        f"or hostile. Remove the file, set on_bad_image='skip', or raise the limit if the image is genuine."
+    )
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """`PIL.Image.open` whose decompression-bomb guard is always an error naming the file.
+
+    PIL raises only above twice its limit and merely warns between 1× and 2×, which would let a huge image
+    through with a line on stderr; here anything above `Image.MAX_IMAGE_PIXELS` is refused.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        found = _PIXELS.search(str(error))
+        raise _bomb_error(path, found.group(1) if found else "too many") from error
+    with image:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise _bomb_error(path, image.width * image.height)
+        yield image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (v / 257, rounded: 65535 → 255); other modes unchanged."""
+    if image.mode not in WIDE_GRAY_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.rint(np.clip(values, 0.0, 65535.0) / 257.0).astype(np.uint8))
+
+
+def _decode(path: str | Path, channels: int, image_size: int | None) -> np.ndarray:
+    with open_image(path) as img:
+        img = to_8bit(img).convert(pil_mode(channels))
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
 def load_image(path: str | Path, channels: int, image_size: int | None) -> torch.Tensor:
     """Decode a file to a uint8 C×H×W tensor, converted to `channels` and resized to a square `image_size`.
 
-    Raises BadImageError naming the path when the file is unreadable or corrupt.
+    Raises BadImageError naming the path when the file is unreadable, corrupt or decompression-bomb sized.
     """
     try:
-        with Image.open(path) as img:
-            img = img.convert(pil_mode(channels))
-            if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises all three for broken files
+        array = _decode(path, channels, image_size)
+    except BadImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files; the cause is chained
         raise BadImageError(
             f"cannot decode image {path}: {exc}. Fix or remove the file, or set on_bad_image='skip' "
             f"to drop unreadable files at setup (they are counted in the log)."
@@ -51,14 +105,79 @@ def load_image(path: str | Path, channels: int, image_size: int | None) -> torch
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def image_is_readable(path: str | Path) -> bool:
-    """Cheap integrity check (header + chunk checksums, no full decode) used by `on_bad_image='skip'`."""
+@dataclass(frozen=True)
+class ImageCheck:
+    """What setup learns about one file: its PIL mode and size, or why it cannot be used."""
+
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+    problem: str | None = None
+
+
+def check_image(path: str | Path, channels: int, decode: bool) -> ImageCheck:
+    """Header facts of `path` and, with `decode`, a full decode as the loader does it (no resize).
+
+    `verify()` alone passes files whose header and checksums are intact but whose pixel data is not, so the
+    skip policy decodes; JPEGs decode at 1/8 scale (all entropy-coded data is still read, at a fraction of
+    the cost). Without `decode` only the header is read (~60 µs a file).
+    """
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception:  # noqa: BLE001 - any failure means "unreadable"; the caller logs the path
-        return False
-    return True
+        with open_image(path) as image:
+            mode, size = image.mode, image.size
+            if decode:
+                if image.format == "JPEG":
+                    image.draft(image.mode, (1, 1))
+                to_8bit(image).convert(pil_mode(channels))
+    except Exception as exc:  # noqa: BLE001 - any failure makes the file unusable; the caller names it
+        return ImageCheck(problem=str(exc) or type(exc).__name__)
+    return ImageCheck(mode, size)
+
+
+MODE_KINDS = {
+    "1": "1-bit",
+    "L": "grayscale",
+    "LA": "grayscale+alpha",
+    "P": "palette",
+    "PA": "palette+alpha",
+    "RGB": "RGB",
+    "RGBA": "RGBA",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "F": "float",
+    **dict.fromkeys(WIDE_GRAY_MODES, "16-bit"),
+}
+
+
+def conversion_summary(checks: Sequence[ImageCheck], channels: int, image_size: int | None) -> str | None:
+    """One line counting the images the loader converts or resizes, e.g. "converted 12 RGBA, 3 grayscale
+    image(s) to RGB; resized 40 image(s) from 30x30 to 28x28"; None when every image is served as stored."""
+    target = pil_mode(channels)
+    kinds = Counter(MODE_KINDS.get(c.mode, c.mode) for c in checks if c.mode not in (None, target))
+    sizes = Counter(
+        f"{c.size[0]}x{c.size[1]}"
+        for c in checks
+        if c.size is not None and image_size is not None and c.size != (image_size, image_size)
+    )
+    parts = []
+    if kinds:
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        notes = ["16-bit scaled to 8 bit"] if "16-bit" in kinds else []
+        notes += ["alpha dropped"] if any("alpha" in k or k in ("RGBA", "PA") for k in kinds) else []
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        parts.append(f"converted {counts} image(s) to {'RGB' if target == 'RGB' else 'grayscale'}{extra}")
+    if sizes:
+        shown = sizes.most_common(3)
+        listed = ", ".join(
+            f"{n} image(s) from {size}" if i == 0 else f"{n} from {size}" for i, (size, n) in enumerate(shown)
+        )
+        rest = sum(sizes.values()) - sum(n for _, n in shown)
+        others = f" and {rest} of other sizes" if rest else ""
+        aspect = any(w != h for w, h in (map(int, size.split("x")) for size in sizes))
+        parts.append(
+            f"resized {listed}{others} to {image_size}x{image_size}"
+            + (" (aspect ratio not kept)" if aspect else "")
+        )
+    return "; ".join(parts) or None
 
 
 def _item(image_u8: torch.Tensor, label: int, bias: int, index: int, transform: Transform | None) -> dict:

@@ -7,14 +7,16 @@ in the DataLoader workers). The CMNIST and CCIFAR-10 modules reuse it for their 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Any, Literal
 
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from diffinject.data.base import BadImagePolicy, BiasedDataModule, readable_mask
+from diffinject.data.base import BadImagePolicy, BiasedDataModule, screen_images
 from diffinject.data.datasets import ImageFileDataset, Transform
-from diffinject.data.layout import FolderLayout, ImageRecords, check_classes, scan_images
+from diffinject.data.layout import FolderLayout, ImageRecords, check_biases, check_classes, scan_images
 from diffinject.data.synthetic import SyntheticControl
 
 log = logging.getLogger("diffinject.data")
@@ -26,7 +28,11 @@ def crop_flip(image_size: int, padding: int = 4) -> Transform:
 
 
 class FolderSplits:
-    """Scans and validates the splits of one folder dataset; builds datasets on demand."""
+    """Scans and validates the splits of one folder dataset; builds datasets on demand.
+
+    Each split is checked once at setup (names, folders, label and bias ranges, image headers, or full decodes
+    under `on_bad_image='skip'`), so a bad file is named before training rather than in a worker mid-epoch.
+    """
 
     def __init__(
         self,
@@ -37,18 +43,22 @@ class FolderSplits:
         channels: int,
         image_size: int,
         on_bad_image: BadImagePolicy,
+        num_bias_classes: int | None = None,
     ) -> None:
         self.layout = FolderLayout(root, name, pct)
         self.num_classes = num_classes
+        self.num_bias_classes = num_classes if num_bias_classes is None else num_bias_classes
         self.channels = channels
         self.image_size = image_size
         self.on_bad_image = on_bad_image
 
     def _records(self, directories: list, what: str) -> ImageRecords:
         records = scan_images(directories, what)
-        if self.on_bad_image == "skip":
-            records = records.subset(readable_mask(records.paths, what))
         check_classes(records, self.num_classes, what)
+        check_biases(records, self.num_bias_classes, what)
+        keep = screen_images(records.paths, what, self.on_bad_image, self.channels, self.image_size)
+        records = records.subset(keep)
+        check_classes(records, self.num_classes, what)  # skipping may have emptied a class
         return records
 
     def _dataset(self, records: ImageRecords, transform: Transform | None) -> ImageFileDataset:
@@ -77,6 +87,7 @@ class FolderDataModule(BiasedDataModule):
     horizontal flip when `augment` is True. No normalisation (networks normalise themselves).
     `unbiased_test_subset` names the report's headline: the whole test split ("all", when it is balanced) or
     its bias-conflicting images ("conflicting", BFFHQ's convention); every group is reported either way.
+    `num_bias_classes` bounds the bias values in the file names (default: num_classes), as the metrics do.
     """
 
     def __init__(
@@ -96,12 +107,24 @@ class FolderDataModule(BiasedDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
         unbiased_test_subset: Literal["all", "conflicting"] = "all",
+        num_bias_classes: int | None = None,
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__(
-            root, batch_size, num_workers, seed, synthetic_manifest, on_bad_image, synthetic_control
+            root,
+            batch_size,
+            num_workers,
+            seed,
+            synthetic_manifest,
+            on_bad_image,
+            synthetic_control,
+            synthetic_allow_outside,
         )
         if image_size < 1 or num_classes < 2:
             raise ValueError(f"need image_size >= 1 and num_classes >= 2, got {image_size} and {num_classes}")
+        if num_bias_classes is not None and num_bias_classes < 1:
+            raise ValueError(f"num_bias_classes must be >= 1 (null: num_classes), got {num_bias_classes}")
+        self.num_bias_classes = num_classes if num_bias_classes is None else num_bias_classes
         if unbiased_test_subset not in ("all", "conflicting"):
             raise ValueError(
                 f"unbiased_test_subset must be 'all' or 'conflicting', got {unbiased_test_subset!r}"
@@ -122,8 +145,16 @@ class FolderDataModule(BiasedDataModule):
                 self.channels,
                 self.image_size,
                 self.on_bad_image,
+                self.num_bias_classes,
             )
         return self._splits
+
+    def folder_source(self) -> Path:
+        return self.root / self.name / self.pct
+
+    def identity(self) -> dict[str, Any]:
+        source = os.path.abspath(self.root / self.name)
+        return {**super().identity(), "num_bias_classes": self.num_bias_classes, "source": source}
 
     def train_transform(self) -> Transform | None:
         return crop_flip(self.image_size, self.crop_padding) if self.augment else None
@@ -159,6 +190,7 @@ class BFFHQDataModule(FolderDataModule):
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -176,6 +208,7 @@ class BFFHQDataModule(FolderDataModule):
             on_bad_image,
             synthetic_control,
             "conflicting",
+            synthetic_allow_outside=synthetic_allow_outside,
         )
 
 
@@ -194,6 +227,7 @@ class DogsCatsDataModule(FolderDataModule):
         synthetic_manifest: str | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
+        synthetic_allow_outside: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -210,4 +244,5 @@ class DogsCatsDataModule(FolderDataModule):
             synthetic_manifest,
             on_bad_image,
             synthetic_control,
+            synthetic_allow_outside=synthetic_allow_outside,
         )

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +33,9 @@ EXPECTED_LAYOUT = """expected layout:
   {root}/{name}/{pct}/valid/[{class}/]{idx}_{label}_{bias}.png   (or {root}/{name}/valid/...)
   {root}/{name}/test/[{class}/]{idx}_{label}_{bias}.png"""
 SPLIT_DIRS = frozenset({"valid", "test"})
+ALIGNMENT_DIRS = frozenset({"align", "conflict"})
+#: files our builders write next to the images (never images themselves)
+METADATA_FILES = frozenset({"export_info.json", "build.json"})
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,32 @@ def _order_key(path: Path) -> tuple[int, int, str]:
 
 
 def _walk_files(directory: Path) -> list[Path]:
+    """Files under `directory`, hidden ones (".DS_Store", ".ipynb_checkpoints/", temp folders) and our own
+    metadata files left out."""
     found = []
     for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in filenames)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            Path(dirpath) / f for f in filenames if not f.startswith(".") and f not in METADATA_FILES
+        )
     return found
+
+
+def folder_problem(path: Path, directory: Path, label: int, bias: int) -> str | None:
+    """The rule `path` breaks, if any: an integer class folder must equal the label, files under align/ must
+    have label == bias and files under conflict/ label != bias (a file moved or renamed by hand)."""
+    between = path.relative_to(directory).parts[:-1]
+    if between and between[-1].isdigit() and int(between[-1]) != label:
+        return f"label {label} in class folder '{between[-1]}' (the class folder must equal the label)"
+    split = next((part for part in reversed((directory.name, *between)) if part in ALIGNMENT_DIRS), None)
+    if split == "align" and label != bias:
+        return f"under align/ but label {label} != bias {bias} (align/ holds aligned files, label == bias)"
+    if split == "conflict" and label == bias:
+        return (
+            f"under conflict/ but label {label} == bias {bias} "
+            f"(conflict/ holds bias-conflicting files, label != bias)"
+        )
+    return None
 
 
 def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
@@ -82,21 +103,28 @@ def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
     Raises ValueError listing up to five file names that do not follow the naming pattern; files that are not
     images (by extension) are left out and counted in a warning.
     """
-    images, others, unparsed = [], [], []
+    images, others, unparsed, misplaced = [], [], [], []
     for directory in directories:
         for path in _walk_files(directory):
+            parsed = parse_label_bias(path.stem)
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 others.append(path)
-            elif parse_label_bias(path.stem) is None:
+            elif parsed is None:
                 unparsed.append(path)
             else:
                 images.append(path)
+                problem = folder_problem(path, directory, *parsed)
+                if problem is not None:
+                    misplaced.append(f"{problem}: {path}")
     if unparsed:
-        shown = "\n  ".join(str(p) for p in unparsed[:5])
-        more = f"\n  ... and {len(unparsed) - 5} more" if len(unparsed) > 5 else ""
         raise ValueError(
             f"{len(unparsed)} file name(s) in {what} do not parse; "
-            f"expected {FILENAME_PATTERN}:\n  {shown}{more}"
+            f"expected {FILENAME_PATTERN}:{_listing([str(p) for p in unparsed])}"
+        )
+    if misplaced:
+        raise ValueError(
+            f"{len(misplaced)} file(s) in {what} contradict their folders:{_listing(misplaced)}\n"
+            f"the file name says label and bias ({FILENAME_PATTERN}); fix the name or move the file"
         )
     if others:
         log.warning(
@@ -113,6 +141,23 @@ def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
         labels=np.array([lb[0] for lb in parsed], dtype=np.int64),
         biases=np.array([lb[1] for lb in parsed], dtype=np.int64),
     )
+
+
+def _listing(lines: Sequence[str], limit: int = 5) -> str:
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n  " + "\n  ".join(lines[:limit]) + more
+
+
+def check_biases(records: ImageRecords, num_bias_classes: int, what: str) -> None:
+    """Every bias value must lie in [0, num_bias_classes) (the metrics group by it)."""
+    bad = (records.biases < 0) | (records.biases >= num_bias_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{what}: bias {int(records.biases[first])} is outside [0, {num_bias_classes}) "
+            f"(e.g. {records.paths[first]}, {int(bad.sum())} file(s) in all); set num_bias_classes to the "
+            f"number of bias values (default: num_classes) or fix the file names"
+        )
 
 
 def check_classes(records: ImageRecords, num_classes: int, what: str) -> None:
@@ -228,29 +273,3 @@ def write_split(
         save_png(folder / image_filename(index, label, bias), image)
         count += 1
     return count
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path | None]:
-    """Build a folder in a temporary sibling and rename it to `target` when the block succeeds.
-
-    Yields None when `target` already exists (nothing to do). If another process renames first, the fresh copy
-    is discarded and the existing one kept, so concurrent builders never leave a half-written dataset.
-    """
-    if target.exists():
-        yield None
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-            log.info("%s was built concurrently by another process; keeping that copy", target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,11 @@
 """Synthetic-image manifests (written by the inject stage) read back as a training dataset.
 
 The CSV has a header with at least `index,label,path` (extra columns such as content_index, style_index,
-content_label, style_label are kept out of the way). `path` is relative to the CSV's folder, or absolute.
+content_label, style_label are kept out of the way). `path` is relative to the CSV's folder (an absolute path
+is accepted when it points inside that folder); paths that leave the folder are refused unless explicitly
+allowed (`allow_outside`, the data modules' `synthetic_allow_outside`), since a manifest naming files
+anywhere on the disk is almost always a mistake (a copied or hand-edited manifest). Indices are >= 0, and
+neither an index nor an image may appear twice.
 Rows are ordered by their `index` column, so a manifest merged from per-rank shards in any row order gives the
 same dataset; the item index of row r (in that order) is `index_offset + r`, and the bias is unknown (-1).
 
@@ -14,6 +18,7 @@ manifest index), labels unchanged; `shuffle_labels` permutes the manifest's labe
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,7 +61,22 @@ def _as_int(value: str, column: str, line: int, csv_path: Path) -> int:
         ) from None
 
 
-def read_synthetic_manifest(csv_path: str | Path, num_classes: int) -> SyntheticManifest:
+def _image_path(raw: str, csv_path: Path, line: int, allow_outside: bool) -> Path:
+    """`raw` against the CSV's folder, lexically (symlinks inside the folder are the user's choice)."""
+    folder = os.path.normpath(os.path.abspath(csv_path.parent))
+    path = os.path.normpath(os.path.join(folder, raw))  # an absolute `raw` replaces the folder
+    if not allow_outside and os.path.commonpath([folder, path]) != folder:
+        raise ValueError(
+            f"{csv_path}, line {line}: image {raw} is outside the manifest's folder {folder} (a '..' or "
+            f"absolute path); the inject stage writes paths inside it. If this is intended, set "
+            f"synthetic_allow_outside=True (data.init_args.synthetic_allow_outside)"
+        )
+    return Path(path)
+
+
+def read_synthetic_manifest(
+    csv_path: str | Path, num_classes: int, allow_outside: bool = False
+) -> SyntheticManifest:
     """Parse and validate a manifest; every problem raises an error naming the file, the line and the rule."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -73,11 +93,14 @@ def read_synthetic_manifest(csv_path: str | Path, num_classes: int) -> Synthetic
         reader.fieldnames = header
         rows = []
         first_line: dict[int, int] = {}
+        path_line: dict[Path, int] = {}
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             if any(row.get(c) is None for c in REQUIRED_COLUMNS):
                 raise ValueError(f"{csv_path}, line {line}: row has fewer fields than the header {header}")
             index = _as_int(row["index"], "index", line, csv_path)
             label = _as_int(row["label"], "label", line, csv_path)
+            if index < 0:
+                raise ValueError(f"{csv_path}, line {line}: index {index} is negative; indices are 0, 1, …")
             if not 0 <= label < num_classes:
                 raise ValueError(
                     f"{csv_path}, line {line}: label {label} is outside [0, {num_classes}) for this dataset"
@@ -90,9 +113,13 @@ def read_synthetic_manifest(csv_path: str | Path, num_classes: int) -> Synthetic
             raw_path = row["path"].strip()
             if not raw_path:
                 raise ValueError(f"{csv_path}, line {line}: empty path")
-            image_path = Path(raw_path)
-            if not image_path.is_absolute():
-                image_path = csv_path.parent / image_path
+            image_path = _image_path(raw_path, csv_path, line, allow_outside)
+            if image_path in path_line:
+                raise ValueError(
+                    f"{csv_path}, line {line}: image {image_path} is also on line {path_line[image_path]}; "
+                    f"each synthetic image may appear once (a duplicated row would weigh it twice)"
+                )
+            path_line[image_path] = line
             if not image_path.is_file():
                 raise FileNotFoundError(
                     f"{csv_path}, line {line}: image {image_path} does not exist "
