@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
 
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS, colorize
 from diffinject.report import analysis, json_safe, main, write_report
-from diffinject.report.inputs import collect_method, collect_timings, knobs_of
-from diffinject.report.render import percent_of
+from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, collect_method, collect_timings, knobs_of
+from diffinject.report.render import FEWER_NOTE, accuracy_plot, percent_of
 
 METRICS = {  # stage → per-seed (overall, aligned, conflicting, worst-group, val acc)
     "vanilla": [(0.40, 0.99, 0.33, 0.00, 0.97), (0.44, 1.00, 0.38, 0.10, 0.98)],
@@ -175,11 +176,139 @@ def test_markdown_figures_and_stdout(
         assert f"| {name} |" in table
     assert "| DiffInject | 2 | 68.00 ± 2.83 |" in table  # (0.66, 0.70): sample std 2.83 points
     assert "overall ★" in table and "conflicting ★" not in table
-    for figure in ("accuracy.png", "samples.png"):
+    for figure in (
+        "accuracy.png",
+        "samples.png",
+    ):  # what they show: test_accuracy_plot_*, test_report_samples
         with Image.open(run_root / "report" / figure) as image:
-            assert image.size[0] > 300
+            assert image.format == "PNG"
+    assert "(n=" not in text and FEWER_NOTE not in text  # every value present in every seed
     main([str(run_root), "--seeds", "0", "1"])  # the CLI prints the same table (probe now cached)
     assert "| DiffInject | 2 | 68.00 ± 2.83 |" in capsys.readouterr().out
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The compact table of results.md: method name → its cells after the name."""
+    rows = {}
+    for line in text.split("\n\n")[1].splitlines()[2:]:
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def expected_cell(values: list[float], seeds: int | None = None) -> str:
+    """How the table shows these per-seed fractions: mean (± sample std) in %, (n=k) if fewer than seeds."""
+    text = f"{100 * sum(values) / len(values):.2f}"
+    if len(values) > 1:
+        text += f" ± {100 * sample_std(values):.2f}"
+    return f"{text} (n={len(values)})" if seeds is not None and len(values) < seeds else text
+
+
+def plotted(results: dict[str, Any]) -> tuple[Any, list[BarContainer], list[ErrorbarContainer]]:
+    fig = accuracy_plot(results)
+    assert fig is not None
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    errors = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    return ax, bars, errors
+
+
+def test_accuracy_plot_bars_are_the_table_means(run_root: Path, report: dict[str, Any]) -> None:
+    """One bar per compared method in every column's group; heights = the table's means, error bars = stds."""
+    ax, bars, errors = plotted(report)
+    present = [
+        (stage, name) for stage, name in METHODS if stage in COMPARED and report["methods"][stage]["n"]
+    ]
+    assert [stage for stage, _ in present] == ["vanilla", "lff", "debias"]  # not the bias reference
+    assert [b.get_label() for b in bars] == [f"{name} (n=2)" for _, name in present]
+    table = table_rows((run_root / "report" / "results.md").read_text())
+    for (stage, name), bar, error in zip(present, bars, errors, strict=True):
+        assert len(bar.patches) == len(COLUMNS)
+        for column, rect in enumerate(bar.patches):
+            assert abs(rect.get_x() + rect.get_width() / 2 - column) < 0.4  # inside the column's group
+            values = [METRICS[stage][seed][column] for seed in (0, 1)]
+            assert rect.get_height() == pytest.approx(100 * sum(values) / 2)
+            assert table[name][1 + column] == expected_cell(values)
+            assert float(table[name][1 + column].split()[0]) == pytest.approx(rect.get_height(), abs=0.005)
+        (segments,) = [c.get_segments() for c in error.lines[2]]
+        for column, segment in enumerate(segments):
+            spread = [METRICS[stage][seed][column] for seed in (0, 1)]
+            assert (segment[1][1] - segment[0][1]) / 2 == pytest.approx(100 * sample_std(spread))
+    assert not ax.texts  # no bar is averaged over fewer seeds
+
+
+def write_metrics(root: Path, seed: int, stage: str, values: tuple[Any, ...], **extra: Any) -> None:
+    """`root/seed{seed}/{stage}/metrics.json` with (overall, aligned, conflicting, worst-group, val acc)."""
+    path = root / f"seed{seed}" / stage / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**metrics_payload(stage, values, seed), **extra}))  # NaN stays NaN
+
+
+def test_last_epoch_rows(tmp_path: Path) -> None:
+    """`{stage}/last_epoch/metrics.json` (the last checkpoint's test): its own row beside the best one."""
+    root = tmp_path / "cmnist" / "1pct"
+    best = {0: (0.40, 0.99, 0.33, 0.00, 0.97), 1: (0.44, 1.00, 0.38, 0.10, 0.98)}
+    last = {0: (0.50, 0.95, 0.45, 0.20, 0.90), 1: (0.56, 0.93, 0.52, 0.30, 0.88)}
+    for seed in (0, 1):
+        write_metrics(root, seed, "vanilla", best[seed])
+        write_metrics(root, seed, "vanilla/last_epoch", last[seed])
+        write_metrics(root, seed, "debias", best[seed])
+        write_metrics(root, seed, "lff", best[seed])
+    write_metrics(root, 0, "debias/last_epoch", last[0])  # seed 1's last-epoch test is missing
+    result = write_report(root, seeds=[0, 1])
+    methods = result["methods"]
+    assert [k for k in methods if k.endswith("/last_epoch")] == ["vanilla/last_epoch", "debias/last_epoch"]
+    vanilla_last, debias_last = methods["vanilla/last_epoch"], methods["debias/last_epoch"]
+    assert vanilla_last["name"] == "Vanilla, last epoch" and vanilla_last["n"] == 2
+    assert vanilla_last["test/acc"]["mean"] == pytest.approx(0.53)
+    assert methods["vanilla"]["test/acc"]["mean"] == pytest.approx(0.42)  # the best row is not mixed in
+    assert debias_last["n"] == 1 and debias_last["seeds"] == [0] and debias_last["missing_seeds"] == [1]
+    text = (root / "report" / "results.md").read_text()
+    table = table_rows(text)
+    columns = range(len(COLUMNS))
+    for name, per_seed in (("Vanilla, last epoch", last), ("DiffInject, last epoch", {0: last[0]})):
+        cells = [str(len(per_seed))] + [expected_cell([v[c] for v in per_seed.values()]) for c in columns]
+        cells += [expected_cell([v[4] for v in per_seed.values()]), "last epoch"]
+        assert table[name] == cells, name
+    assert table["Vanilla"][-1] == "val/acc" and table["Vanilla"][1] == expected_cell([0.40, 0.44])
+    assert "LfF, last epoch" not in table and "GCE bias (reference), last epoch" not in table
+    assert "| DiffInject, last epoch | [0] | [1] |" in text  # the detail table names the missing seed
+    _, bars, _ = plotted(result)  # the figure compares the selected checkpoints only
+    assert [b.get_label() for b in bars] == ["Vanilla (n=2)", "LfF (n=2)", "DiffInject (n=2)"]
+    assert not any("last epoch" in note for note in result["notes"])
+
+
+def test_a_value_missing_in_one_seed_is_counted_per_cell(tmp_path: Path) -> None:
+    """A mean over fewer seeds than the row's "seeds" cell says is marked (n=k) in the table and figure."""
+    root = tmp_path / "cmnist" / "1pct"
+    values = {
+        0: (0.40, 0.99, 0.33, 0.05, 0.97),
+        1: (0.44, 1.00, 0.38, None, 0.98),
+        2: (0.48, 0.98, 0.42, math.nan, None),
+    }
+    for seed, per_seed in values.items():
+        write_metrics(root, seed, "vanilla", per_seed)
+    result = write_report(root)
+    entry = result["methods"]["vanilla"]
+    assert entry["n"] == 3 and entry["test/acc"]["n"] == 3
+    assert entry["test/acc_worst_group"]["n"] == 1 and entry["test/acc_worst_group"]["mean"] == 0.05
+    assert entry["val/acc"]["n"] == 2 and entry["val/acc"]["mean"] == pytest.approx(0.975)
+    text = (root / "report" / "results.md").read_text()
+    row = table_rows(text)["Vanilla"]
+    overall = [values[s][0] for s in (0, 1, 2)]
+    assert row[:2] == ["3", expected_cell(overall, seeds=3)] and "(n=" not in row[1]
+    assert row[4] == "5.00 (n=1)" and row[5] == expected_cell([0.97, 0.98], seeds=3) == "97.50 ± 0.71 (n=2)"
+    assert FEWER_NOTE in text
+    assert "| Vanilla | [0, 1, 2] | – | worst-group (2 of 3 seeds), val acc (1 of 3 seeds) |" in text
+    saved = json.loads((root / "report" / "results.json").read_text())["methods"]["vanilla"]
+    assert saved["test/acc_worst_group"]["values"] == [0.05, None, None]  # NaN written as null
+    ax, bars, _ = plotted(result)
+    assert [b.patches[3].get_height() for b in bars] == [pytest.approx(5.0)]
+    assert [t.get_text() for t in ax.texts] == ["n=1"]  # only the worst-group bar is marked
+    assert ax.texts[0].get_position()[0] == pytest.approx(
+        bars[0].patches[3].get_x() + bars[0].patches[3].get_width() / 2
+    )
 
 
 def test_synthetic_measurements_match_construction(report: dict[str, Any]) -> None:

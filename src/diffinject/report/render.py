@@ -6,21 +6,40 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, numeric_leaves
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 STD_NOTE = "mean ± sample std (ddof = 1) over seeds"
 
 
-def pct(stat: dict[str, Any] | None, digits: int = 2) -> str:
+FEWER_NOTE = (
+    "(n=k): mean over the k seeds that have this value, fewer than the row's seeds (the others' metrics.json "
+    "hold null or NaN there, e.g. an empty test group)"
+)
+
+
+def pct(stat: dict[str, Any] | None, digits: int = 2, seeds: int | None = None) -> str:
+    """`mean ± std` in %; `(n=k)` appended when only k < `seeds` seeds have the value."""
     if not stat or stat.get("mean") is None:
         return "–"
-    if stat.get("n", 0) < 2:
-        return f"{100 * stat['mean']:.{digits}f}"
-    return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
+    n = stat.get("n", 0)
+    if n < 2:
+        text = f"{100 * stat['mean']:.{digits}f}"
+    else:
+        text = f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
+    return f"{text} (n={n})" if seeds is not None and n < seeds else text
+
+
+def fewer_seeds(entry: dict[str, Any], keys: Sequence[str]) -> dict[str, int]:
+    """key → how many seeds have it, for the keys averaged over fewer seeds than the entry has."""
+    counts = {key: (entry.get(key) or {}).get("n", 0) for key in keys}
+    return {key: n for key, n in counts.items() if n < entry.get("n", 0)}
 
 
 def compact_table(results: dict[str, Any]) -> str:
@@ -29,18 +48,22 @@ def compact_table(results: dict[str, Any]) -> str:
     header = ["method", "seeds"] + [f"{label} ★" if label == unbiased else label for _, label in COLUMNS]
     header += ["val acc (biased)", "selected on"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fewer = False
     for entry in results["methods"].values():
-        cells = [entry["name"], str(entry["n"])] + [pct(entry.get(key)) for key, _ in COLUMNS]
+        n = entry["n"]
+        cells = [entry["name"], str(n)] + [pct(entry.get(key), seeds=n) for key, _ in COLUMNS]
         chosen = "last epoch" if entry["name"].endswith("last epoch") else entry.get("selection") or "–"
-        lines.append("| " + " | ".join([*cells, pct(entry.get("val/acc")), chosen]) + " |")
+        lines.append("| " + " | ".join([*cells, pct(entry.get("val/acc"), seeds=n), chosen]) + " |")
+        fewer = fewer or bool(fewer_seeds(entry, [*(k for k, _ in COLUMNS), "val/acc"]))
     lines.append("")
     lines.append(f"★ unbiased accuracy ({results['unbiased_note']}). Test accuracy in %, {STD_NOTE}.")
+    if fewer:
+        lines.append(FEWER_NOTE + ".")
     topk = results.get("topk")
     if topk and topk.get("precision"):
         scope = "per class" if topk.get("per_class") else "global"
-        lines.append(
-            f"Top-K precision (K={topk['k']} {scope}, fraction bias-conflicting): {pct(topk['precision'])} %"
-        )
+        precision = pct(topk["precision"], seeds=topk.get("n"))
+        lines.append(f"Top-K precision (K={topk['k']} {scope}, fraction bias-conflicting): {precision} %")
     synthetic = results.get("synthetic")
     if synthetic:
         summary = synthetic["summary"]
@@ -116,15 +139,18 @@ def markdown(results: dict[str, Any]) -> str:
     parts += [
         "## Methods in detail",
         "",
-        "| method | seeds present | missing | group-mean | checkpoint epochs |",
+        "| method | seeds present | missing | values missing | group-mean | checkpoint epochs |",
     ]
-    parts.append("|---|---|---|---|---|")
+    parts.append("|---|---|---|---|---|---|")
+    labels = {**dict(COLUMNS), "test/acc_group_mean": "group-mean", "val/acc": "val acc"}
     for e in results["methods"].values():
         name = e["name"]
         epochs = ", ".join(f"{s}: {v}" for s, v in e["checkpoint_epoch"].items()) or "–"
+        fewer = fewer_seeds(e, list(labels))
+        holes = ", ".join(f"{labels[k]} ({e['n'] - n} of {e['n']} seeds)" for k, n in fewer.items()) or "–"
         parts.append(
-            f"| {name} | {e['seeds'] or '–'} | {e['missing_seeds'] or '–'} | "
-            f"{pct(e.get('test/acc_group_mean'))} | {epochs} |"
+            f"| {name} | {e['seeds'] or '–'} | {e['missing_seeds'] or '–'} | {holes} | "
+            f"{pct(e.get('test/acc_group_mean'), seeds=e['n'])} | {epochs} |"
         )
     topk = results.get("topk")
     parts += ["", "## Top-K selection (bias stage)", ""]
@@ -174,8 +200,9 @@ def percent_of(stat: dict[str, Any] | None, name: str, missing: float) -> float:
     return missing if value is None else 100 * float(value)
 
 
-def accuracy_figure(path: Path, results: dict[str, Any]) -> Path | None:
-    """Grouped bars: accuracy columns × compared methods, error bars = sample std over seeds."""
+def accuracy_plot(results: dict[str, Any]) -> Figure | None:
+    """Grouped bars: one group per accuracy column, one bar per compared method that has test metrics
+    (height = mean, error bar = sample std over seeds); None when no method has any."""
     present = [(s, n) for s, n in METHODS if s in COMPARED and results["methods"][s]["n"] > 0]
     if not present:
         return None
@@ -189,20 +216,27 @@ def accuracy_figure(path: Path, results: dict[str, Any]) -> Path | None:
         entry = results["methods"][stage]
         means = [percent_of(entry.get(k), "mean", math.nan) for k, _ in COLUMNS]
         stds = [percent_of(entry.get(k), "std", 0.0) for k, _ in COLUMNS]
-        ax.bar(
-            x + (i - (len(present) - 1) / 2) * width,
-            means,
-            width,
-            yerr=stds,
-            capsize=3,
-            label=f"{name} (n={entry['n']})",
-        )
+        positions = x + (i - (len(present) - 1) / 2) * width
+        ax.bar(positions, means, width, yerr=stds, capsize=3, label=f"{name} (n={entry['n']})")
+        fewer = fewer_seeds(entry, [k for k, _ in COLUMNS])
+        for column, (key, _) in enumerate(COLUMNS):  # a bar averaged over fewer seeds says so
+            if key in fewer and not math.isnan(means[column]):
+                top = means[column] + stds[column] + 1
+                ax.text(positions[column], top, f"n={fewer[key]}", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(x, [f"{label} ★" if label == results["unbiased_column"] else label for _, label in COLUMNS])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"{results['dataset']} {results['pct']}: {STD_NOTE}; ★ unbiased", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def accuracy_figure(path: Path, results: dict[str, Any]) -> Path | None:
+    """`accuracy_plot` saved as a PNG at `path`; None (nothing written) when there is nothing to plot."""
+    fig = accuracy_plot(results)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
