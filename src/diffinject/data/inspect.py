@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from diffinject.data.datasets import BadImageError, open_image
 from diffinject.data.layout import FolderLayout, ImageRecords, check_classes, scan_images
 
 #: PIL modes that hold one channel of intensity; anything else is read as RGB.
@@ -66,9 +67,11 @@ def _headers(paths: list[Path], limit: int) -> tuple[Counter, Counter]:
     modes: Counter = Counter()
     for path in chosen:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 sizes[f"{image.width}x{image.height}"] += 1
                 modes[image.mode] += 1
+        except BadImageError:
+            raise
         except (OSError, UnidentifiedImageError, ValueError) as error:
             raise ValueError(f"cannot read the image header of {path}: {error}") from error
     return sizes, modes

@@ -21,8 +21,13 @@ from diffinject.workflow.folder import fill_config, template_set
 
 DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats", "folder")
 PROFILES = ("smoke", "quick", "paper")
-PER_SEED_STAGES = ("vanilla", "lff", "bias", "inject", "debias")
-ALL_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
+#: the unsupervised baselines beside Vanilla and LfF (issue 13): each a classifier stage of its own
+EXTRA_BASELINES = ("disent", "lff_be", "disent_be")
+BASELINES = ("vanilla", "lff", *EXTRA_BASELINES)
+PER_SEED_STAGES = (*BASELINES, "bias", "inject", "debias")
+ALL_STAGES = (*BASELINES, "bias", "diffusion", "inject", "debias")
+#: what `make pipeline` runs when --stages is not given (`make baselines` adds EXTRA_BASELINES)
+DEFAULT_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
 #: data modules whose imbalance is a `ratio`; the folder datasets take a `pct` folder name instead.
 RATIO_DATASETS = ("cmnist", "ccifar10")
 
@@ -134,7 +139,7 @@ class Options:
     devices: int | None = None
     data_root: str | None = None
     configs: str = "configs"
-    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     variants: list[str] = field(default_factory=list)
     report: bool = True
     #: DATASET=folder: the dataset's folder name under data_root, the headline test subset and overrides of

@@ -85,6 +85,7 @@ def fill_config(config: dict[str, Any], stage: str, facts: FolderFacts, headline
             {
                 "name": facts.name,
                 "num_classes": facts.num_classes,
+                "num_bias_classes": facts.num_bias_classes,
                 "channels": facts.channels,
                 "image_size": geometry.data_size if at_diffusion_size else facts.image_size,
                 "unbiased_test_subset": headline,

@@ -31,7 +31,9 @@ from typing import Any
 
 from diffinject.workflow.configs import (
     ALL_STAGES,
+    BASELINES,
     DATASETS,
+    DEFAULT_STAGES,
     PROFILES,
     RATIO_DATASETS,
     Options,
@@ -137,7 +139,7 @@ def plan(opts: Options) -> list[Step]:
             step.config = {"fit": step.config, "topk": topk_config}
             step.artifact = step.folder / "topk.csv"
             steps.append(step)
-        for stage in ("vanilla", "lff"):
+        for stage in BASELINES:
             if stage in opts.stages:
                 steps.append(fit_test(stage, seed, []))
     if "diffusion" in opts.stages and export is None:
@@ -196,7 +198,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--data-root", default=None, help="where user-supplied datasets live (default: data)")
     parser.add_argument("--configs", default="configs")
-    parser.add_argument("--stages", nargs="+", default=list(ALL_STAGES), choices=ALL_STAGES)
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(DEFAULT_STAGES),
+        choices=ALL_STAGES,
+        help=f"default: {' '.join(DEFAULT_STAGES)}",
+    )
     parser.add_argument("--variant", action="append", default=[], help="extra per-stage override YAML")
     folder = parser.add_argument_group("DATASET=folder (your own tree; configs/folder/README.md)")
     folder.add_argument("--name", default=None, help="the dataset's folder under --data-root")

@@ -23,7 +23,7 @@ from typing import Any
 
 from diffinject.report import write_report
 from diffinject.workflow import pipeline
-from diffinject.workflow.configs import load_yaml
+from diffinject.workflow.configs import BASELINES, EXTRA_BASELINES, PER_SEED_STAGES, load_yaml
 
 #: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
 DOWNSTREAM = {
@@ -32,8 +32,7 @@ DOWNSTREAM = {
     "diffusion": ("diffusion", "inject", "debias"),
     "inject": ("inject", "debias"),
     "debias": ("debias",),
-    "vanilla": ("vanilla",),
-    "lff": ("lff",),
+    **{stage: (stage,) for stage in BASELINES},
 }
 
 
@@ -56,7 +55,7 @@ def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[
     """
     folders = [("diffusion", base / "diffusion", root / "diffusion")]
     for seed in seeds:
-        for stage in ("vanilla", "lff", "bias", "inject", "debias"):
+        for stage in PER_SEED_STAGES:
             folders.append((stage, base / f"seed{seed}" / stage, root / f"seed{seed}" / stage))
     for stage, target, link in folders:
         if stage in running:
@@ -64,6 +63,8 @@ def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[
                 link.unlink()
             continue
         if not target.exists():
+            if stage in EXTRA_BASELINES:  # `make baselines` only: a base run without them is complete
+                continue
             raise FileNotFoundError(f"{target} is missing: run `make pipeline` for the base run first")
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() and link.resolve() == target.resolve():
