@@ -192,10 +192,14 @@ def test_monitor_logs_the_figures_every_n_steps(tmp_path: Path, monkeypatch: pyt
     for key in ("recognised", "palette_close", "frechet"):
         assert [step for step, _ in scalars[f"quality/{key}"]] == [2, 4]  # fit end does not repeat step 4
     assert [step for step, _ in scalars["quality/frechet_floor"]] == [2]  # the floor is logged once
-    assert all(0.0 <= v <= 1.0 for _, v in scalars["quality/recognised"] + scalars["quality/palette_close"])
     assert scalars["quality/real_palette_close"][0][1] == 1.0  # real CMNIST colours are on the palette
     assert scalars["quality/frechet"][0][1] > scalars["quality/frechet_floor"][0][1]  # untrained UNet
     result = json.loads((Path(trainer.log_dir) / "sample_quality.json").read_text())
+    for key in ("recognised", "palette_close", "frechet"):  # logged = what each evaluation computed
+        logged = [value for _, value in scalars[f"quality/{key}"]]
+        assert logged == pytest.approx([h[key] for h in result["history"]], rel=1e-6)
+    for _, rate in scalars["quality/recognised"] + scalars["quality/palette_close"]:
+        assert 8 * rate == pytest.approx(round(8 * rate), abs=1e-5)  # a count out of the 8 samples
     assert result["step"] == 4 and [h["step"] for h in result["history"]] == [2, 4]
     assert result["num_samples"] == result["num_held_out"] == 8
     assert result["num_real"] == len(data.train_eval_dataset) - 8
