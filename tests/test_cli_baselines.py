@@ -6,9 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffinject.cli import main
+from diffinject.data import CMNISTDataModule
 from test_cli_classifiers import CONFIGS, tiny
 
 NEW_STAGES = ("disent", "lff_be", "disent_be")
@@ -90,6 +92,11 @@ def test_topk_with_the_committee_from_the_cli(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 100 and (run / "bias_ensemble.csv").is_file()
     summary = json.loads((run / "topk_summary.json").read_text())
-    assert (
-        summary["k_source"] == "be" and 0 <= summary["precision"] <= 1 and 0 <= summary["gce_precision"] <= 1
-    )
+    assert summary["k_source"] == "be" and 0 <= summary["gce_precision"] <= 1
+    module = CMNISTDataModule(root=str(data), ratio=0.01, source="embedded")
+    module.setup("fit")
+    train = module.train_eval_dataset  # the precision is the committee's selection's true conflicting share
+    indices = [int(r["index"]) for r in rows]
+    assert [int(r["bias"]) for r in rows] == [int(train.biases[i]) for i in indices]
+    truth = float(np.mean([train.labels[i] != train.biases[i] for i in indices]))
+    assert summary["precision"] == pytest.approx(truth)
