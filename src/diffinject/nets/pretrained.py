@@ -33,7 +33,7 @@ from diffusers import UNet2DModel
 from torch import Tensor
 
 from diffinject.diffusion.preprocess import PREPROCESS_RULE
-from diffinject.nets.unet import INFO_FILENAME
+from diffinject.nets.unet import INFO_FILENAME, read_export_info
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -231,7 +231,18 @@ def _first_file(*paths: Path) -> Path | None:
 
 
 def _read_json(path: Path | None) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path is not None else None
+    """A JSON object file (diffusion_info.json, scheduler config); a broken one is named, not a raw trace."""
+    if path is None:
+        return None
+    if path.name == INFO_FILENAME:
+        return read_export_info(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); expected a scheduler config object") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a scheduler config object")
+    return data
 
 
 def load_pretrained(spec: str) -> PretrainedUNet:

@@ -137,5 +137,26 @@ def load_unet_export(export_dir: str | os.PathLike) -> tuple[UNet2DModel, dict[s
             f"{path} is not a diffusion export: expected config.json and {INFO_FILENAME} "
             "(run the diffusion stage first: diffinject fit --config configs/<dataset>/diffusion.yaml)"
         )
+    info = read_export_info(info_path)
     unet = UNet2DModel.from_pretrained(path, local_files_only=True)
-    return unet, json.loads(info_path.read_text())
+    return unet, info
+
+
+def read_export_info(info_path: str | os.PathLike) -> dict[str, Any]:
+    """`diffusion_info.json` as a dict; a file that is not a JSON object is named with what it should hold.
+
+    A raw `JSONDecodeError` would name neither the file nor the fix (a truncated copy, a hand edit).
+    """
+    path = Path(info_path)
+    expected = (
+        "expected the JSON object the diffusion stage writes beside the weights (preprocess, schedule, "
+        "image size: nets/unet.py save_unet_export); re-export the UNet (rerun the diffusion stage, or "
+        "`diffinject-convert` for a converted model) or restore the file"
+    )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {expected}") from error
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} holds a JSON {type(info).__name__}, not an object; {expected}")
+    return info
