@@ -57,6 +57,36 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
+def validate_training_settings(
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    sample_every_n_epochs: int,
+    num_samples: int,
+    image_size: int,
+    in_channels: int,
+) -> None:
+    """Refuse values the training would accept but misuse (e.g. 0 grid samples crash at the first grid)."""
+    if not lr > 0.0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two values in [0, 1) (Adam's β1, β2), got {list(betas)}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0 (0: no LR warm-up), got {warmup_steps}")
+    if sample_every_n_epochs < 0:
+        raise ValueError(f"sample_every_n_epochs must be >= 0 (0: no grids), got {sample_every_n_epochs}")
+    if num_samples < 0 or (sample_every_n_epochs > 0 and num_samples < 1):
+        raise ValueError(
+            f"num_samples must be >= 1 for the sample grids, got {num_samples}; set sample_every_n_epochs: 0 "
+            "to turn the grids off"
+        )
+    if image_size < 1 or in_channels < 1:
+        raise ValueError(f"image_size and in_channels must be >= 1, got {image_size}, {in_channels}")
+
+
 class P2DiffusionModule(LightningModule):
     """DDPM training of one UNet preset with P2 weighting; see the module docstring for the contract.
 
@@ -98,9 +128,11 @@ class P2DiffusionModule(LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if sample_every_n_epochs < 0:
-            raise ValueError(f"sample_every_n_epochs must be >= 0 (0: no grids), got {sample_every_n_epochs}")
+        validate_training_settings(
+            lr, weight_decay, betas, warmup_steps, sample_every_n_epochs, num_samples, image_size, in_channels
+        )
         ddim_timesteps(num_train_timesteps, sample_steps)  # fail at construction on a bad sampling grid
+        p2_weights(linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end), p2_gamma, p2_k)
         self.init_record: dict[str, Any] | None = None
         if init_from is None:
             self.unet_preset = unet_preset
