@@ -14,6 +14,7 @@ from diffinject.callbacks.synthetic_writer import (
     MANIFEST_COLUMNS,
     SyntheticImageWriter,
     collect_rows,
+    remove_temp_files,
     save_png_atomic,
 )
 
@@ -79,3 +80,23 @@ def test_merge_rebuilds_lost_rows_from_the_pairing(tmp_path: Path) -> None:
         rows = SyntheticImageWriter(str(tmp_path)).merge(expected=3, sample_info=info)
     assert [int(r["index"]) for r in rows] == [0, 2]
     assert int(rows[1]["content_index"]) == 12 and rows[1]["path"] == "images/2.png"
+
+
+def test_remove_temp_files_touches_only_the_writers_temp_names(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    temps = [
+        tmp_path / "images" / ".3.png.tmp812",
+        tmp_path / ".manifest.csv.tmp9",
+        tmp_path / ".settings.json.tmp",
+    ]
+    kept = [
+        tmp_path / "images" / "3.png",
+        tmp_path / "notes.tmp.txt",
+        tmp_path / ".pipeline-tmp-done.json.12",  # the runner's marker temp: not ours
+        tmp_path / "manifest.rank0.csv",
+    ]
+    for path in temps + kept:
+        path.write_bytes(b"x")
+    assert remove_temp_files(tmp_path) == 3
+    assert not any(p.exists() for p in temps) and all(p.exists() for p in kept)
+    assert remove_temp_files(tmp_path / "missing") == 0

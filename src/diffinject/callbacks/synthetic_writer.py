@@ -11,6 +11,11 @@ a rerun only computes the missing samples; rows lost with a shard are rebuilt fr
 `settings.json` records the generation settings and `pairs.csv` the pairing (every sample's content,
 style, labels and noise seed); a rerun with other settings or another pairing fails instead of mixing two
 different synthetic sets in one folder (a larger `ratio` only appends samples: pairs are per-sample seeded).
+The settings include the sha256 of the UNet's weights (`unet_weights_sha256`), so a UNet retrained to the
+same step count is refused too; a folder written before the fingerprint existed is resumed with a warning
+(nothing to compare) and the fingerprint recorded. The effective `micro_batch` is recorded as well; a
+change only warns (pixels of new samples may differ from the old ones by rounding, ≤ 1/255 measured).
+Temporary files a kill left behind (`.{name}.tmp*` of PNGs, manifests, settings) are removed at setup.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,12 @@ MANIFEST_COLUMNS = (
 )
 SHARD_GLOB = "manifest.rank*.csv"
 PAIR_COLUMNS = (*MANIFEST_COLUMNS[:-1], "noise_seed")
+#: temp files of `save_png_atomic`, `write_manifest_atomic` and settings.json: ".{name}.tmp{pid}"
+TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")
+#: settings whose change does not refuse a resume: the pixels of new samples move by rounding only
+TOLERATED = ("micro_batch",)
+#: settings older versions did not record: a folder without them is resumed with a warning
+RECORDED_LATER = ("unet_weights_sha256", "micro_batch")
 
 
 def save_png_atomic(image: torch.Tensor, path: Path) -> None:
@@ -58,6 +70,22 @@ def save_png_atomic(image: torch.Tensor, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pil.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def remove_temp_files(output_dir: Path) -> int:
+    """Delete the temp files a killed run left in `output_dir` and `output_dir/images`; returns the count.
+
+    Only names of the writers' own pattern are touched; at setup no rank of this run is writing yet.
+    """
+    removed = 0
+    for folder in (output_dir, output_dir / "images"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if TEMP_NAME.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def read_rows(path: Path, columns: Sequence[str] = MANIFEST_COLUMNS) -> list[dict[str, str]]:
@@ -130,6 +158,11 @@ class SyntheticImageWriter(BasePredictionWriter):
         total = len(datamodule.plan)
         if trainer.is_global_zero:
             self.images_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_temp_files(self.output_dir)
+            if removed:
+                rank_zero_info(
+                    f"SyntheticImageWriter: removed {removed} temp files left by an interrupted run"
+                )
             try:
                 self._check_settings(self._settings(trainer, pl_module))
                 self._check_pairs(datamodule)
@@ -147,26 +180,60 @@ class SyntheticImageWriter(BasePredictionWriter):
     def _settings(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         hparams = dict(getattr(pl_module, "hparams", {}))
         # implementation choices that give the same images are not settings
-        same_output = ("channels_last", "shared_encoder", "cache_content")
+        same_output = ("channels_last", "shared_encoder", "cache_content", "content_cache_mb", "micro_batch")
         settings = {k: v for k, v in hparams.items() if k not in same_output}
         settings["unet_global_step"] = getattr(pl_module, "info", {}).get("global_step")
+        settings["unet_weights_sha256"] = getattr(pl_module, "unet_sha256", None)
+        settings["micro_batch"] = getattr(pl_module, "chunk_size", None)  # the effective one
         return json.loads(json.dumps(settings, default=str))
 
     def _check_settings(self, settings: dict[str, Any]) -> None:
         path = self.output_dir / "settings.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed and any((self.output_dir / "images").glob("*.png")):
+        if path.is_file() and any(self.images_dir.glob("*.png")):
+            try:
+                old = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(
-                    f"{self.output_dir} holds synthetic images made with other settings "
-                    f"({', '.join(changed)}: "
-                    f"{[old.get(k) for k in changed]} → {[settings.get(k) for k in changed]}); use another "
-                    "output_dir or delete this one"
-                )
+                    f"{path} is not valid JSON ({error}): the settings of the images in {self.output_dir} "
+                    "are unknown; use another output_dir or delete this one"
+                ) from error
+            self._compare_settings(old, settings)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
+
+    def _compare_settings(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Refuse a resume under other settings (weights first, they are the likeliest silent change)."""
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        unrecorded = [k for k in changed if k in RECORDED_LATER and k not in old]
+        tolerated = [k for k in changed if k in TOLERATED and k in old]
+        strict = [k for k in changed if k not in unrecorded and k not in tolerated]
+        key = "unet_weights_sha256"
+        if key in strict:
+            was, now = str(old.get(key))[:16], str(new.get(key))[:16]
+            steps = f"step {old.get('unet_global_step')} → {new.get('unet_global_step')}"
+            raise ValueError(
+                f"{self.output_dir} holds synthetic images made from other UNet weights: {new.get('unet')} "
+                f"now has sha256 {now}…, the images were made with {was}… (retrained or replaced; {steps}); "
+                "use another output_dir or delete this one to regenerate the set"
+            )
+        if strict:
+            raise ValueError(
+                f"{self.output_dir} holds synthetic images made with other settings ({', '.join(strict)}: "
+                f"{[old.get(k) for k in strict]} → {[new.get(k) for k in strict]}); use another "
+                "output_dir or delete this one"
+            )
+        if unrecorded:
+            rank_zero_warn(
+                f"{self.output_dir}/settings.json predates {', '.join(unrecorded)}: the images already there "
+                "cannot be checked against the current UNet / batching; resuming and recording them now"
+            )
+        if tolerated:
+            rank_zero_warn(
+                f"{self.output_dir}: micro_batch {old.get('micro_batch')} → {new.get('micro_batch')}; new "
+                "samples may differ from the existing ones by rounding (≤ 1/255 measured); set "
+                f"model.init_args.micro_batch: {old.get('micro_batch')} to keep every image reproducible"
+            )
 
     def _check_pairs(self, datamodule: Any) -> None:
         """Compare the pairing with the one recorded in `pairs.csv` (and manifest rows), then record it."""

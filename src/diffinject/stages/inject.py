@@ -1,17 +1,17 @@
 """Stage 3: DDIM inversion + h-space slerp content injection → the synthetic bias-conflicting images.
 
 Per batch of (content, style) pairs from `InjectionPairsDataModule`: invert the styles (η = 0, fp32),
-invert any content image not seen yet *once* (recording its h at every grid point, cached on the module in
-fp32 and reused for every later pair), then regenerate each style from its x_T with the content's h
-slerp-blended into the bottleneck on steps t ≥ t_edit (Asyrp asymmetric step, encoder once and the
-decoder for h and h̃ in one batch) and η = 1 on steps t ≤ t_boost with per-sample noise. The images
-come back at the dataset's size for `SyntheticImageWriter`. Math: DESIGN.md "Math"; functions in
-`diffinject.diffusion`.
+invert any content image not seen yet *once* (recording its h at every grid point, kept in fp32 in a
+bounded, preallocated `ContentCache` and reused for every later pair), then regenerate each style from its
+x_T with the content's h slerp-blended into the bottleneck on steps t ≥ t_edit (Asyrp asymmetric step,
+encoder once and the decoder for h and h̃ in one batch) and η = 1 on steps t ≤ t_boost with per-sample
+noise. Every UNet pass runs at one fixed batch shape (`micro_batch`), so a sample's pixels do not depend on
+the batch it arrived in. The images come back at the dataset's size for `SyntheticImageWriter`. Math:
+DESIGN.md "Math"; functions in `diffinject.diffusion`; settings checks in `inject_settings`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,69 +33,21 @@ from diffinject.diffusion import (
     linear_alphas_cumprod,
     to_model_space,
 )
-from diffinject.diffusion.hspace import BLENDS
 from diffinject.diffusion.steering import classifier_guidance_fn, match_channel_stats
-from diffinject.nets.unet import INFO_FILENAME, load_unet_export
+from diffinject.nets.fingerprint import weights_fingerprint
+from diffinject.nets.unet import INFO_FILENAME, load_unet_export, read_export_info
+from diffinject.stages.content_cache import ContentCache
+from diffinject.stages.inject_settings import (
+    diffusion_stage_hint,
+    validate_batching,
+    validate_injection_settings,
+    validate_modes,
+    validate_windows,
+)
 from diffinject.stages.weights import load_classifier_checkpoint
 
-#: where generation starts: the style's inverted x_T (the paper), the content's, or the content's
-#: re-normalised to the style's per-channel statistics (StyleID's initial-latent AdaIN)
-START_FROM = ("style", "content", "content_stats")
-#: whose h trajectory is blended into the generation (γ > 0): the content's (the paper) or the style's
-INJECT_FROM = ("content", "style")
-
-
-def diffusion_stage_hint(unet_dir: Path) -> str:
-    """The command that writes a UNet export; dataset guessed from runs/{dataset}/{pct}/diffusion/unet."""
-    parts = unet_dir.parts
-    dataset = parts[-4] if len(parts) >= 4 and parts[-2] == "diffusion" else "<dataset>"
-    return f"diffinject fit --config configs/{dataset}/diffusion.yaml"
-
-
-def validate_modes(
-    blend: str,
-    t_start: int | None,
-    t_edit: int,
-    start_from: str,
-    inject_from: str,
-    bias_model: str | None,
-    guidance_scale: float,
-    guidance_smooth: int = 0,
-) -> None:
-    """The injection-mode options (see `InjectionPredictModule`), each refused with the allowed values."""
-    if blend not in BLENDS:
-        raise ValueError(f"blend must be one of {sorted(BLENDS)}, got {blend!r}")
-    if t_start is not None and t_start < t_edit:
-        raise ValueError(
-            f"t_start ({t_start}) must be >= t_edit ({t_edit}): the window is t_edit <= t <= t_start"
-        )
-    if start_from not in START_FROM:
-        raise ValueError(f"start_from must be one of {list(START_FROM)}, got {start_from!r}")
-    if inject_from not in INJECT_FROM:
-        raise ValueError(f"inject_from must be one of {list(INJECT_FROM)}, got {inject_from!r}")
-    if guidance_smooth < 0:
-        raise ValueError(f"guidance_smooth must be >= 0 (0: raw gradient), got {guidance_smooth}")
-    if guidance_scale < 0.0:
-        raise ValueError(f"guidance_scale must be >= 0 (0: off), got {guidance_scale}")
-    if guidance_scale > 0.0 and bias_model is None:
-        raise ValueError(
-            "guidance_scale > 0 needs bias_model: the bias stage's checkpoint "
-            "(e.g. runs/<ds>/<pct>/bias/checkpoints/best.ckpt)"
-        )
-
-
-def validate_injection_settings(
-    num_train_timesteps: int, steps: int, gamma: float, t_edit: int, t_boost: int
-) -> None:
-    """The knobs' ranges (DESIGN.md): γ ∈ [0, 1], 0 ≤ t_boost ≤ t_edit ≤ T, S divides T."""
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1] (0: style unchanged, 1: full content), got {gamma}")
-    if not 0 <= t_boost <= t_edit <= num_train_timesteps:
-        raise ValueError(
-            f"need 0 <= t_boost <= t_edit <= T={num_train_timesteps}, got t_boost={t_boost}, t_edit={t_edit}"
-        )
-    if steps < 1 or num_train_timesteps % steps != 0:
-        raise ValueError(f"steps={steps} must divide T={num_train_timesteps} (e.g. 50 or 100 for T=1000)")
+#: the batch entries `inject` reads (the writer reads the others)
+INJECT_KEYS = ("style_image", "content_image", "content_index", "noise_seed")
 
 
 class InjectionPredictModule(LightningModule):
@@ -115,6 +67,13 @@ class InjectionPredictModule(LightningModule):
         shared_encoder: encoder + mid once and the decoder for h and h̃ in one batch (False: two full UNet
             passes with an h-space hook, the reference scheme; same result, slower).
         cache_content: invert each content image once and reuse its h (False: re-invert per pair, reference).
+        content_cache_mb: memory bound of that cache in MiB (h trajectories + x_T, on the module's device);
+            contents beyond it are re-inverted whenever needed (same images, slower; a note is logged).
+            None: unbounded.
+        micro_batch: every UNet pass (inversions, generation, guidance) runs on exactly this many samples,
+            the last chunk padded, so a sample's pixels do not depend on which samples share its batch
+            (resume, device count, last batch). None: the data module's batch_size (or, without one, each
+            batch's own size). Changing it changes pixels by rounding (measured ≤ 1/255).
         channels_last: channels-last memory format for the UNet (faster convolutions on recent GPUs).
         blend: h-space operation, "slerp" (the paper: the whole map) or "adain" (per-channel statistics only).
         t_start: upper end of an injection window t_edit ≤ t ≤ t_start (None: every step from t_edit up).
@@ -145,6 +104,8 @@ class InjectionPredictModule(LightningModule):
         autocast_inversion: bool = False,
         shared_encoder: bool = True,
         cache_content: bool = True,
+        content_cache_mb: float | None = 2048.0,
+        micro_batch: int | None = None,
         channels_last: bool = False,
         blend: str = "slerp",
         t_start: int | None = None,
@@ -169,13 +130,19 @@ class InjectionPredictModule(LightningModule):
                 f"UNet export {unet_dir} not found (expected config.json and {INFO_FILENAME}): the diffusion "
                 f"stage writes it, run `{diffusion_stage_hint(unet_dir)}` first"
             )
-        self.info: dict[str, Any] = json.loads((unet_dir / INFO_FILENAME).read_text())
+        self.info: dict[str, Any] = read_export_info(unet_dir / INFO_FILENAME)
         num_train_timesteps = int(self.info.get("num_train_timesteps", 1000))
         validate_injection_settings(num_train_timesteps, steps, gamma, t_edit, t_boost)
+        validate_batching(micro_batch, content_cache_mb)
         if inject_every < 1:
             raise ValueError(
                 f"inject_every must be >= 1 (1: every step with t >= t_edit), got {inject_every}"
             )
+        self.timesteps = ddim_timesteps(num_train_timesteps, steps)
+        validate_windows(
+            [int(t) for t in self.timesteps], gamma, t_edit, t_start, inject_every,
+            guidance_scale, guidance_t_min, guidance_t_max,
+        )  # fmt: skip
         if self.info.get("preprocess", PREPROCESS_RULE) != PREPROCESS_RULE:
             raise ValueError(
                 f"{unet_dir / INFO_FILENAME}: preprocess {self.info.get('preprocess')!r} is not the rule "
@@ -187,6 +154,8 @@ class InjectionPredictModule(LightningModule):
             )
         model, _ = load_unet_export(unet_dir)
         self.unet = model.eval().requires_grad_(False)
+        #: sha256 of the weights: the writer refuses to resume a folder made from other weights
+        self.unet_sha256 = weights_fingerprint(unet_dir)
         if shared_encoder:
             check_split_supported(self.unet)
         if mask_box is not None:
@@ -197,12 +166,8 @@ class InjectionPredictModule(LightningModule):
             float(self.info.get("beta_end", 0.02)),
         )
         self.register_buffer("alphas_cumprod", abar, persistent=False)  # float64: ddim reads Python floats
-        self.timesteps = ddim_timesteps(num_train_timesteps, steps)
         self.model_size = int(self.unet.config.sample_size)
-        # content cache: trajectories [P, S, C, h, w] (fp32) + content dataset index → row in it
-        self._h_pool: Tensor | None = None
-        self._latent_pool: Tensor | None = None
-        self._h_slot: dict[int, int] = {}
+        self.content_cache = ContentCache(content_cache_mb)
         self.bias_net: torch.nn.Module | None = None
         if bias_model is not None:
             net, _ = load_classifier_checkpoint(bias_model, expect={})
@@ -225,6 +190,18 @@ class InjectionPredictModule(LightningModule):
             )
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
+        plan = getattr(datamodule, "plan", None)
+        if plan is not None and hasattr(plan, "content"):
+            self.content_cache.reserve(len({int(c) for c in plan.content}))
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Samples per UNet pass: `micro_batch`, else the data module's batch_size (None: the batch's)."""
+        if self.hparams.micro_batch is not None:
+            return int(self.hparams.micro_batch)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(datamodule, "batch_size", None)
+        return int(size) if size is not None else None
 
     # ---------------------------------------------------------------------------------------------- math
     def _autocast(self, enabled: bool) -> torch.autocast:
@@ -242,39 +219,34 @@ class InjectionPredictModule(LightningModule):
     def content_h(
         self, content_ids: list[int], content_images: Tensor
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(h, slots, x_T): the cached h pool [P, S, C, h, w], each sample's slot in it, and each sample's
-        inverted x_T [B, C, H, W] (cached beside its h, for generations that start from the content).
+        """(h, slots, x_T): an h pool [P, S, C, h, w], each sample's slot in it, and each sample's inverted
+        x_T [B, C, H, W] (kept beside its h, for generations that start from the content).
 
-        Each content image is inverted once, the first time a batch needs it; its h trajectory is kept in
-        fp32 on the module's device for every later pair. With `cache_content=False` every pair's content
-        is re-inverted (the reference scheme) and h is per sample (slots None).
+        Each content image is inverted once, the first time a batch needs it, and kept (fp32, module device)
+        in the bounded `content_cache` for every later pair; new contents are inverted at the batch's shape
+        (padded), so a cached, a recomputed and a `cache_content=False` h are the same numbers. With
+        `cache_content=False` every pair's content is re-inverted (the reference scheme; slots None).
         """
         if not self.hparams.cache_content:
             inversion = self._invert(to_model_space(content_images, self.model_size), record_h=True)
             assert inversion.h is not None
             return inversion.h, None, inversion.latent
+        cache = self.content_cache
         first_position: dict[int, int] = {}
         for position, cid in enumerate(content_ids):
-            if cid not in self._h_slot and cid not in first_position:
+            if cid not in cache.slot and cid not in first_position:
                 first_position[cid] = position
+        fresh: dict[int, tuple[Tensor, Tensor]] = {}
         if first_position:
             new_ids = list(first_position)
-            images = content_images[[first_position[c] for c in new_ids]]
-            inversion = self._invert(to_model_space(images, self.model_size), record_h=True)
-            h, latent = inversion.h, inversion.latent
-            assert h is not None
-            start = 0 if self._h_pool is None else self._h_pool.shape[0]
-            self._h_pool = h if self._h_pool is None else torch.cat([self._h_pool, h.to(self._h_pool.device)])
-            self._latent_pool = (
-                latent
-                if self._latent_pool is None
-                else torch.cat([self._latent_pool, latent.to(self._latent_pool.device)])
-            )
-            self._h_slot.update({cid: start + j for j, cid in enumerate(new_ids)})
-        assert self._h_pool is not None
-        assert self._latent_pool is not None
-        slots = torch.tensor([self._h_slot[c] for c in content_ids], device=self._h_pool.device)
-        return self._h_pool, slots, self._latent_pool[slots.to(self._latent_pool.device)]
+            rows = [first_position[c] for c in new_ids]
+            rows += [rows[0]] * (len(content_ids) - len(rows))  # pad to the batch's shape
+            inversion = self._invert(to_model_space(content_images[rows], self.model_size), record_h=True)
+            assert inversion.h is not None
+            h, latent = inversion.h[: len(new_ids)], inversion.latent[: len(new_ids)]
+            stored = set(cache.add(new_ids, h, latent))
+            fresh = {c: (h[j], latent[j]) for j, c in enumerate(new_ids) if c not in stored}
+        return cache.gather(content_ids, fresh)
 
     def _guidance(self, style_images: Tensor, content_images: Tensor) -> Guidance | None:
         """Bias-model guidance towards the class the bias model assigns each style image (label-free)."""
@@ -301,7 +273,23 @@ class InjectionPredictModule(LightningModule):
         return noise
 
     def inject(self, batch: dict[str, Any]) -> Tensor:
-        """Synthetic images of a batch, in [0, 1] at the dataset's size (B×C×H×W, float32)."""
+        """Synthetic images of a batch, in [0, 1] at the dataset's size (B×C×H×W, float32).
+
+        Runs in chunks of exactly `micro_batch` samples (the last one padded with copies of its first row):
+        kernels pick their algorithm by batch shape, so a fixed shape keeps every sample's pixels
+        independent of the batch it arrived in (tests/test_inject_reliability.py).
+        """
+        n = len(batch["content_index"])
+        chunk = self.chunk_size or n
+        outputs = []
+        for start in range(0, n, chunk):
+            rows = list(range(start, min(start + chunk, n)))
+            padded = rows + [start] * (chunk - len(rows))
+            part = {k: batch[k][padded] for k in INJECT_KEYS}
+            outputs.append(self._inject_chunk(part)[: len(rows)])
+        return torch.cat(outputs)
+
+    def _inject_chunk(self, batch: dict[str, Any]) -> Tensor:
         hp = self.hparams
         style_images, content_images = batch["style_image"].float(), batch["content_image"].float()
         orig_size = style_images.shape[-1]
@@ -357,10 +345,7 @@ class InjectionPredictModule(LightningModule):
 
     def on_predict_start(self) -> None:
         self.unet.eval()
-        if self._h_pool is not None:
-            self._h_pool = self._h_pool.to(self.device)
-        if self._latent_pool is not None:
-            self._latent_pool = self._latent_pool.to(self.device)
+        self.content_cache.to(self.device)
 
     def clear_content_cache(self) -> None:
-        self._h_pool, self._latent_pool, self._h_slot = None, None, {}
+        self.content_cache.clear()
