@@ -87,7 +87,7 @@ def test_fit_test_predict_round_trip_on_embedded_cmnist(tmp_path: Path) -> None:
     module.setup("fit")
     module.setup("test")
     batch = next(iter(module.test_dataloader()))
-    model = BiasClassifier.load_from_checkpoint(best, map_location="cpu").eval()
+    model = BiasClassifier.load_from_checkpoint(best, map_location="cpu", weights_only=True).eval()
     with torch.no_grad():
         correct = model(batch["image"]).argmax(1) == batch["label"]
     conflicting = batch["label"] != batch["bias"]
