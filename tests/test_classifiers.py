@@ -178,12 +178,14 @@ def test_gce_value_and_reductions() -> None:
 
 
 # -- stages -----------------------------------------------------------------------------------------------
-def test_hparams_are_primitives_and_include_subclass_args() -> None:
-    model = BiasClassifier(**ARGS, q=0.5, weights="x.ckpt")
-    assert (
-        model.hparams["q"] == 0.5 and model.hparams["weights"] == "x.ckpt" and model.hparams["arch"] == "mlp"
-    )
-    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in model.hparams.values())
+@pytest.mark.parametrize("stage", ["BiasClassifier", "LfFClassifier", "DisEntClassifier", "DebiasClassifier"])
+@pytest.mark.parametrize("q", [0.0, -0.5, 1.5])
+def test_gce_q_outside_its_range_fails_at_construction(stage: str, q: float) -> None:
+    """Not at the first training step, after data loading and the bias model: at the config check."""
+    import diffinject.stages as stages
+
+    with pytest.raises(ValueError, match=r"GCE q must be in \(0, 1\]"):
+        getattr(stages, stage)(**ARGS, q=q)
 
 
 def test_model_data_mismatch_is_a_clear_error() -> None:

@@ -26,12 +26,18 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
 
 
+def check_gce_q(q: float) -> float:
+    """GCE's q must lie in (0, 1]: q → 0 is CE, q > 1 is not a loss the paper's bound holds for."""
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"GCE q must be in (0, 1], got {q}")
+    return q
+
+
 def gce_loss(
     logits: torch.Tensor, target: torch.Tensor, q: float = 0.7, reduction: str = "none"
 ) -> torch.Tensor:
     """Generalized cross-entropy: per-sample CE · p_y^q, p_y detached (gradient = that of (1 − p_y^q)/q)."""
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"GCE q must be in (0, 1], got {q}")
+    check_gce_q(q)
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     p_y = torch.exp(-ce.detach())  # softmax probability of the target class, without its gradient
     return _reduce(ce * p_y.pow(q), reduction)

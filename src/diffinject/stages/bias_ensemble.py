@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from diffinject.losses import gce_loss
+from diffinject.losses import check_gce_q, gce_loss
 
 CSV_NAME, JSON_NAME = "bias_ensemble.csv", "bias_ensemble.json"
 CSV_COLUMNS = ("index", "label", "votes", "flagged", "loss")
@@ -76,6 +76,7 @@ class EnsembleOptions:
             raise ValueError(
                 f"bias_ensemble agreement must be in [1, {self.num_models}], got {self.agreement}"
             )
+        check_gce_q(self.q)
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"bias_ensemble threshold must be in (0, 1), got {self.threshold}")
         if self.bias_loss not in ("ce", "gce"):

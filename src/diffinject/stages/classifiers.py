@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from diffinject.losses import gce_loss
+from diffinject.losses import check_gce_q, gce_loss
 from diffinject.metrics import (
     METRIC_NAMES,
     PSEUDO_BALANCED,
@@ -305,6 +305,7 @@ class BiasClassifier(ClassifierModule):
         q: float = 0.7,
         weights: str | None = None,
     ) -> None:
+        check_gce_q(q)  # at construction: a bad q would otherwise fail at the first training step
         super().__init__(
             arch, num_classes, in_channels, image_size, pretrained, lr, weight_decay, num_bias_classes
         )

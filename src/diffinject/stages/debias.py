@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from diffinject.losses import gce_loss
+from diffinject.losses import check_gce_q, gce_loss
 from diffinject.metrics import SELECTION_MIN_GROUP
 from diffinject.stages.classifiers import Batch, ClassifierModule
 from diffinject.stages.weights import CHECKPOINT_KEY
@@ -42,6 +42,7 @@ class DebiasClassifier(ClassifierModule):
     ) -> None:
         if loss not in ("ce", "gce"):
             raise ValueError(f"DebiasClassifier loss must be 'ce' or 'gce', got {loss!r}")
+        check_gce_q(q)
         super().__init__(
             arch,
             num_classes,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from diffinject.losses import bias_branch_loss, classwise_max, ema_update, lff_weights
+from diffinject.losses import bias_branch_loss, check_gce_q, classwise_max, ema_update, lff_weights
 from diffinject.metrics import SELECTION_MIN_GROUP
 from diffinject.nets import build_classifier
 from diffinject.stages.bias_ensemble import EnsembleOptions, ensure_committee
@@ -80,6 +80,7 @@ class ReweightedDebiasModule(ClassifierModule):
         )
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"{type(self).__name__} alpha must be in [0, 1), got {alpha}")
+        check_gce_q(q)
         self.ensemble = EnsembleOptions.parse(bias_ensemble)
         self.val_acc_b = MulticlassAccuracy(num_classes, average="micro")
         self.train_w_aligned = MeanMetric()
