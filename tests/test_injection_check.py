@@ -187,6 +187,41 @@ def _scalar_tags(run: Path) -> set[str]:
     return set(accumulator.Tags()["scalars"])
 
 
+def _hand_bias_rates(workdir: Path, run: Path, bias_checkpoint: str, n: int) -> tuple[float, float]:
+    """bias_moved / bias_kept_content recomputed here: the bias model's class of each of the first `n`
+    synthetic images (by sample index) against its style's and its content's."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from diffinject.data import CMNISTDataModule
+    from diffinject.stages.weights import load_classifier_checkpoint
+
+    net, _ = load_classifier_checkpoint(bias_checkpoint, {"num_classes": 10})
+    net.eval()
+    with (run / "manifest.csv").open() as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: int(row["index"]))[:n]
+    data = CMNISTDataModule(root=str(workdir / "data"), source="embedded", ratio=0.01)
+    data.setup("fit")
+    train = data.train_eval_dataset
+
+    def classes(images: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return net(torch.stack(images)).argmax(1)
+
+    synthetic = [
+        torch.from_numpy(
+            np.asarray(Image.open(run / row["path"]).convert("RGB"), dtype=np.float32) / 255
+        ).permute(2, 0, 1)
+        for row in rows
+    ]
+    style = [train[int(row["style_index"])]["image"] for row in rows]
+    content = [train[int(row["content_index"])]["image"] for row in rows]
+    mine = classes(synthetic)
+    return (mine == classes(style)).float().mean().item(), (mine == classes(content)).float().mean().item()
+
+
 def test_callback_writes_check_and_recomputes_on_rerun(workdir: Path) -> None:
     bias = str(workdir / "runs/cmnist/1pct/bias/checkpoints/best.ckpt")
     cfg = _config(workdir, "inject", bias, max_samples=12)
@@ -194,8 +229,12 @@ def test_callback_writes_check_and_recomputes_on_rerun(workdir: Path) -> None:
     cli = main(["predict", "--config", str(cfg)])
     check = json.loads((run / CHECK_FILENAME).read_text())
     assert check["n"] == 12 and check["num_rows"] == len(cli.datamodule.plan) == 18 and check["complete"]
-    for key in ("bias_moved", "bias_kept_content", "content_retention", "cos_content", "moved_and_retained"):
-        assert check[key] is not None and -1.0 <= check[key] <= 1.0, key
+    moved, kept = _hand_bias_rates(workdir, run, bias, 12)
+    assert check["bias_moved"] == pytest.approx(moved) and check["bias_kept_content"] == pytest.approx(kept)
+    for key in ("content_retention", "moved_and_retained"):
+        assert check[key] * 12 == pytest.approx(round(check[key] * 12)), key  # a count out of 12 samples
+    lower = check["bias_moved"] + check["content_retention"] - 1
+    assert lower - 1e-9 <= check["moved_and_retained"] <= min(check["bias_moved"], check["content_retention"])
     assert check["bias_checkpoint"] == bias
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, InjectionCheck))
     assert callback.result == check
