@@ -63,7 +63,11 @@ def compact_table(results: dict[str, Any]) -> str:
     if topk and topk.get("precision"):
         scope = "per class" if topk.get("per_class") else "global"
         precision = pct(topk["precision"], seeds=topk.get("n"))
-        lines.append(f"Top-K precision (K={topk['k']} {scope}, fraction bias-conflicting): {precision} %")
+        source = topk.get("k_source") or "gce"
+        line = f"Top-K precision (K={topk['k']} {scope}, {source}, fraction bias-conflicting): {precision} %"
+        if source != "gce" and topk.get("gce_precision"):  # the committee's pick beside the GCE model's
+            line += f" (GCE top-K on the same run: {pct(topk['gce_precision'], seeds=topk.get('n'))} %)"
+        lines.append(line)
     synthetic = results.get("synthetic")
     if synthetic:
         summary = synthetic["summary"]
