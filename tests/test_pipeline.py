@@ -96,12 +96,20 @@ def test_smoke_pipeline_end_to_end_and_resume(
     out = capsys.readouterr().out
     for kept in ("seed0/vanilla", "seed0/lff", "seed0/bias", "diffusion"):
         assert f"{kept}: done, skipped" in out
-    assert "seed0/inject: running" in out and "seed0/debias: upstream seed0/inject rebuilt" in out
+    # the inject stage is rebuilt bit for bit (same config, seeds, upstream): what read it stays valid
+    assert "seed0/inject: running" in out and "seed0/debias: done, skipped" in out
+    assert (root / "diffusion/unet/config.json").stat().st_mtime == unet_time
+    assert (root / "seed0/inject/manifest.csv").is_file()
+
+    # a changed injection setting (a later call, another config) rebuilds inject and what read it
+    variant = tmp_path / "fewer_steps.yaml"
+    variant.write_text("inject:\n  model: {init_args: {steps: 8}}\n")
+    pipeline.main([*argv, "--variant", str(variant)])
+    out = capsys.readouterr().out
+    assert "seed0/inject: its config changed" in out and "seed0/debias: upstream seed0/inject rebuilt" in out
     after = {p: p.stat().st_mtime for p in root.glob("seed0/*/metrics.json")}
     assert after[root / "seed0/vanilla/metrics.json"] == before[root / "seed0/vanilla/metrics.json"]
     assert after[root / "seed0/debias/metrics.json"] > before[root / "seed0/debias/metrics.json"]
-    assert (root / "diffusion/unet/config.json").stat().st_mtime == unet_time
-    assert (root / "seed0/inject/manifest.csv").is_file()
 
 
 def test_selection_with_the_bias_model_waits_for_the_bias_stage(tmp_path: Path) -> None:
