@@ -92,7 +92,18 @@ def test_topk_with_the_committee_from_the_cli(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 100 and (run / "bias_ensemble.csv").is_file()
     summary = json.loads((run / "topk_summary.json").read_text())
-    assert summary["k_source"] == "be" and 0 <= summary["gce_precision"] <= 1
+    assert summary["k_source"] == "be"
+    gce_output = tmp_path / "gce" / "topk.csv"  # the same checkpoint's GCE top-K, run on its own
+    main(
+        [
+            "predict", "--config", str(CONFIGS / "cmnist" / "topk.yaml"),
+            *tiny(tmp_path / "gce" / "topk", data),
+            "--model.init_args.weights", str(run / "checkpoints" / "best.ckpt"),
+            "--trainer.callbacks.init_args.output", str(gce_output),
+        ]
+    )  # fmt: skip
+    gce_summary = json.loads((gce_output.parent / "topk_summary.json").read_text())
+    assert summary["gce_precision"] == pytest.approx(gce_summary["precision"])
     module = CMNISTDataModule(root=str(data), ratio=0.01, source="embedded")
     module.setup("fit")
     train = module.train_eval_dataset  # the precision is the committee's selection's true conflicting share

@@ -3,6 +3,7 @@ the lr schedule, and the module end to end (with and without BiasEnsemble)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,4 +126,7 @@ def test_disent_be_reads_the_committee_and_masks_the_bias_head(tmp_path: Path) -
     trainer = tiny_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=data)
     assert (tmp_path / "bias_ensemble.csv").is_file() and model.aligned_flags is not None
-    assert 0 < float(trainer.callback_metrics["train/bias_flagged_frac"]) <= 1
+    with (tmp_path / "bias_ensemble.csv").open() as handle:  # one epoch sees every item once
+        flagged = [int(row["flagged"]) for row in csv.DictReader(handle)]
+    logged = float(trainer.callback_metrics["train/bias_flagged_frac"])
+    assert 0 < sum(flagged) < len(flagged) and logged == pytest.approx(sum(flagged) / len(flagged), abs=1e-6)
