@@ -1,21 +1,21 @@
 """`make pipeline`: every DiffInject stage through the `diffinject` CLI, resumable, one line per stage.
 
-Order: bias fit → top-K predict → baselines (vanilla, LfF) → diffusion fit → inject predict →
-debias fit/test → report. A classifier stage whose config sets `selection_bias` (checkpoint selection with
-the bias model) waits for its seed's bias stage and is rebuilt when that changes. Per seed: vanilla, lff,
-bias (+ top-K), inject, debias under `{runs}/{dataset}/{pct}/seed{S}/`; the diffusion model is trained
-once per (dataset, pct) under `{runs}/{dataset}/{pct}/diffusion/` (it uses no labels and is by far the
-most expensive stage).
+Order: bias fit → top-K predict → baselines (vanilla, LfF; DisEnt, LfF+BE, DisEnt+BE with `make baselines`) →
+diffusion fit → inject predict → debias fit/test → report. A classifier stage whose config sets
+`selection_bias` (checkpoint selection with the bias model) waits for its seed's bias stage. Per seed stages
+live under `{runs}/{dataset}/{pct}/seed{S}/` (own data: `{runs}/folder/{name}/{pct}/`); the diffusion model is
+trained once per (dataset, pct) under `.../diffusion/` (it uses no labels and is by far the most expensive
+stage).
 
 Each stage's config is resolved by `workflow.configs.stage_config` (template, profile, variants, run paths;
 for `DATASET=folder` the facts read from the tree) and written into the stage folder as
 `pipeline_config.yaml`: it is what the CLI runs, so each run folder says exactly how it was produced.
 `--diffusion DIR` uses a given export instead of training the diffusion stage.
 
-A stage is skipped when its artifact exists and its stored config equals the resolved one. When the config
-changed, or a stage upstream of it was rebuilt in this invocation, its folder is cleared and it is rebuilt.
-An interrupted stage (no artifact yet) resumes: fits continue from `checkpoints/last.ckpt`, the injection
-writer skips the images already written.
+What is skipped, resumed or rebuilt is decided from the stage folders' records (`workflow.runner`), so it
+holds across invocations; the dataset and every input of the planned stages are checked before any stage
+starts (`workflow.preflight`, exit code 2), and a failed stage ends the run with a one-screen summary
+(exit code 1).
 """
 
 from __future__ import annotations
