@@ -31,8 +31,9 @@ from diffinject.injection_check import DEFAULT_FEATURE_T
 from diffinject.nets.unet import load_unet_export
 from diffinject.report import analysis
 from diffinject.report.inputs import read_yaml, stage_config_path
-from diffinject.report.synthetic import DataBundle, build_data, images_at, labels_of, source_data_section
+from diffinject.report.synthetic import DataBundle, build_data, images_at, labels_of
 from diffinject.stages.weights import load_classifier_checkpoint
+from diffinject.workflow.sections import source_data_section
 
 PROBE_TARGET = "content shape + style colour"
 #: (check figure, probe figure) pairs whose rank correlation across folders is reported

@@ -20,19 +20,12 @@ import torch
 
 from diffinject.report import analysis
 from diffinject.report.inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
+from diffinject.workflow.sections import source_data_section
 
 #: data init args that do not change which images the splits hold
 NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image", "synthetic_control")
 PROBE_VERSION = 1
 PIXEL_DISTANCE_SAMPLES = 512
-
-
-def source_data_section(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The dataset's `{class_path, init_args}`; the injection pairs module nests it under `init_args.data`."""
-    section = config.get("data")
-    while isinstance(section, dict) and isinstance((section.get("init_args") or {}).get("data"), dict):
-        section = section["init_args"]["data"]
-    return section if isinstance(section, dict) and "class_path" in section else None
 
 
 def resolve_class(class_path: str) -> type:

@@ -18,6 +18,7 @@ import yaml
 
 from diffinject.data.inspect import FolderFacts, inspect_folder
 from diffinject.workflow.folder import fill_config, template_set
+from diffinject.workflow.sections import source_data_section
 
 DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats", "folder")
 PROFILES = ("smoke", "quick", "paper")
@@ -104,19 +105,16 @@ def path_mover(dataset: str, root: Path, seed: int | None) -> Callable[[str], st
 
 def set_data_args(config: dict[str, Any], dataset: str, pct: str, data_root: str | None) -> None:
     """Point the config's data module (or the one nested in the injection pairs module) at this split/root."""
-    section = config.get("data")
-    while isinstance(section, dict):
-        init = section.setdefault("init_args", {})
-        if isinstance(init.get("data"), dict):  # InjectionPairsDataModule wraps the source data module
-            section = init["data"]
-            continue
-        if dataset in RATIO_DATASETS:
-            init["ratio"] = pct_to_ratio(pct)
-        else:
-            init["pct"] = pct
-        if data_root is not None:
-            init["root"] = data_root
-        section = None
+    section = source_data_section(config)
+    if section is None:
+        return
+    init = section.setdefault("init_args", {})
+    if dataset in RATIO_DATASETS:
+        init["ratio"] = pct_to_ratio(pct)
+    else:
+        init["pct"] = pct
+    if data_root is not None:
+        init["root"] = data_root
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from diffinject.data.inspect import FolderFacts
+from diffinject.workflow.sections import source_data_section
 
 #: largest side that gets the digits recipe (MLP, cmnist-small UNet); larger images use ResNet-18.
 SMALL_MAX_SIDE = 32
@@ -59,29 +60,16 @@ def _set_present(mapping: dict[str, Any], values: dict[str, Any]) -> None:
             mapping[key] = value
 
 
-def _data_sections(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """init_args of every folder data module in a config (the top one and one nested by the pairs module)."""
-    found, section = [], config.get("data")
-    while isinstance(section, dict):
-        init = section.get("init_args") or {}
-        if isinstance(init.get("data"), dict):
-            section = init["data"]
-            continue
-        if str(section.get("class_path", "")).endswith("FolderDataModule"):
-            found.append(init)
-        section = None
-    return found
-
-
 def fill_config(config: dict[str, Any], stage: str, facts: FolderFacts, headline: Headline) -> dict[str, Any]:
     """Write the data's facts into a resolved stage config of the folder templates (in place; returned)."""
     if headline not in HEADLINES:
         raise ValueError(f"headline={headline!r}: expected one of {', '.join(HEADLINES)}")
     geometry = diffusion_geometry(facts.image_size)
     at_diffusion_size = stage in ("diffusion", "inject")
-    for init in _data_sections(config):
+    source = source_data_section(config)
+    if source is not None and str(source["class_path"]).endswith("FolderDataModule"):
         _set_present(
-            init,
+            source.setdefault("init_args", {}),
             {
                 "name": facts.name,
                 "num_classes": facts.num_classes,

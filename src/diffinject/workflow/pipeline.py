@@ -44,6 +44,7 @@ from diffinject.workflow.configs import (
 from diffinject.workflow.folder import HEADLINES
 from diffinject.workflow.preflight import CannotStart, check_dataset, check_handovers
 from diffinject.workflow.runner import CONFIG_NAME, Runner, Step, StepFailed, failure_summary
+from diffinject.workflow.sections import source_data_section
 
 #: the export's description file (nets.unet.INFO_FILENAME; not imported: the pipeline needs no diffusers)
 INFO_NAME = "diffusion_info.json"
@@ -157,7 +158,7 @@ def plan(opts: Options) -> list[Step]:
             config["data"].setdefault("init_args", {})["seed"] = seed
             if export is not None:
                 config["model"].setdefault("init_args", {})["unet"] = str(export)
-                source = config["data"]["init_args"].get("data", {}).get("init_args", {})
+                source = (source_data_section(config) or {}).get("init_args", {})
                 if "image_size" in source and export_info.get("image_size"):
                     # Pairs at the size the model was trained on (a 256 px FFHQ model gets 256 px faces,
                     # not 224 px ones padded with black).
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             opts.root.mkdir(parents=True, exist_ok=True)
             (opts.root / "dataset.json").write_text(opts.facts.to_json())
     if opts.diffusion and not args.dry_run:
-        export = diffusion_export(opts.diffusion)[0]
+        export = Path(opts.diffusion).expanduser().resolve()  # checked by plan()
         link_diffusion(opts.root, export)
         print(f"[pipeline] diffusion: the given export {export} (not trained)", flush=True)
     jobs = (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffinject.data.layout import FolderLayout
 from diffinject.workflow.configs import Options
+from diffinject.workflow.markers import STAGE_OUTPUTS
 from diffinject.workflow.runner import Step
 
 #: where each user-supplied dataset comes from, and the folder under DATA_ROOT it must be in
@@ -34,14 +35,6 @@ CIFAR_HELP = (
     "https://www.cs.toronto.edu/~kriz/cifar.html), from which Corrupted CIFAR-10 is built once, or DisEnt's "
     "cifar10c download at {root}/cifar10c/{pct} + {root}/cifar10c/test"
 )
-
-
-#: what a downstream stage reads from each upstream stage's folder
-HANDOVER = {
-    "bias": ("checkpoints/best.ckpt", "topk.csv"),
-    "diffusion": ("unet/config.json",),
-    "inject": ("manifest.csv",),
-}
 
 
 class CannotStart(RuntimeError):
@@ -94,7 +87,9 @@ def check_handovers(steps: Sequence[Step], root: Path) -> None:
         for key in step.upstream:
             if key in planned:
                 continue
-            wanted = HANDOVER.get(key.rsplit("/", 1)[-1], ())
+            # what a downstream stage reads: the named (not globbed) files of the upstream's outputs
+            outputs = STAGE_OUTPUTS.get(key.rsplit("/", 1)[-1], ())
+            wanted = [name for name in outputs if "*" not in name]
             absent = [name for name in wanted if not (root / key / name).is_file()]
             if absent:
                 missing.append(f"{step.key} reads {', '.join(absent)} from {root / key}: not there")

@@ -119,6 +119,20 @@ def upstream_identities(step: Step, root: Path) -> dict[str, str | None]:
     return {key: stage_identity(root / key, key.rsplit("/", 1)[-1]) for key in step.upstream}
 
 
+def record_mismatch(record: dict[str, Any], step: Step, upstream: dict[str, str | None]) -> str | None:
+    """What differs between a stage record and what the step would run now (None: nothing)."""
+    if record.get("config") != step.config:
+        return "its config changed"
+    recorded = record.get("upstream", {})
+    keys = [*upstream, *(key for key in recorded if key not in upstream)]
+    changed = [key for key in keys if recorded.get(key) != upstream.get(key)]
+    if changed:
+        return f"upstream {', '.join(changed)} rebuilt"
+    if not same_content(record.get("inputs"), input_fingerprints(step.inputs, record.get("inputs"))):
+        return f"its input {', '.join(map(str, step.inputs))} changed"
+    return None
+
+
 def is_complete(step: Step, upstream: dict[str, str | None]) -> bool:
     """Artifact present, nothing half-merged, produced by the same config from the same upstream outputs."""
     record = read_record(step.folder / MARKER_NAME)
@@ -126,28 +140,17 @@ def is_complete(step: Step, upstream: dict[str, str | None]) -> bool:
         return False
     if step.stage == "inject" and any(step.folder.glob("manifest.rank*.csv")):
         return False
-    return (
-        record.get("config") == step.config
-        and record.get("upstream", {}) == upstream
-        and same_content(record.get("inputs"), input_fingerprints(step.inputs, record.get("inputs")))
-    )
+    return record_mismatch(record, step, upstream) is None
 
 
 def stale_reason(step: Step, upstream: dict[str, str | None]) -> str | None:
     """Why an existing stage folder cannot be kept or resumed (None: resume it)."""
     done = read_record(step.folder / MARKER_NAME)
-    started = read_record(step.folder / STARTED_NAME)
-    record = done or started
+    record = done or read_record(step.folder / STARTED_NAME)
     if record is None:
         return "no record of how it was started"
-    if record.get("config") != step.config:
-        return "its config changed"
-    changed = [key for key, value in upstream.items() if record.get("upstream", {}).get(key) != value]
-    if changed:
-        return f"upstream {', '.join(changed)} rebuilt"
-    if not same_content(record.get("inputs"), input_fingerprints(step.inputs, record.get("inputs"))):
-        return f"its input {', '.join(map(str, step.inputs))} changed"
-    return None if done is None else "its outputs changed"
+    why = record_mismatch(record, step, upstream)
+    return why if why is not None or done is None else "its outputs changed"
 
 
 def drop_resume(command: list[str]) -> list[str]:
