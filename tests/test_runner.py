@@ -175,3 +175,29 @@ def test_last_error_line_prefers_the_exception(tmp_path: Path) -> None:
     assert last_error_line(log) == "KeyError: 'label'"
     log.write_text("only a line\n")
     assert last_error_line(log) == "only a line"
+
+
+def test_an_exclusive_step_runs_first_and_alone_with_its_threads(tmp_path: Path) -> None:
+    """The CPU pipeline's diffusion step: planned anywhere, it runs before the pool with OMP_NUM_THREADS."""
+    script = tmp_path / "env_cli.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "with open(sys.argv[1], 'a') as h:\n"
+        "    h.write(f\"{sys.argv[2]} {os.environ.get('OMP_NUM_THREADS')} {time.monotonic()}\\n\")\n"
+        "time.sleep(0.2)\n"
+    )
+    log = tmp_path / "order.txt"
+    steps = []
+    for name in ("a", "b", "long"):
+        folder = tmp_path / name
+        marker = folder / "done.txt"
+        steps.append(Step(name, None, folder, [[str(log), name], [str(marker), "x"]], marker, {"n": name}))
+    steps[-1].exclusive, steps[-1].threads = True, 3
+    runner = Runner(steps, tmp_path / "timings.json", jobs=2, root=tmp_path)
+    runner.executable = [sys.executable, str(script)]
+    runner.run()
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert rows[0][:2] == ["long", "3"]  # first, with its own thread count
+    assert {row[0] for row in rows[1:]} == {"a", "b"}
+    assert all(row[1] != "3" for row in rows[1:])  # the others keep the caller's environment
+    assert float(rows[1][2]) >= float(rows[0][2]) + 0.2  # nothing started while it ran

@@ -289,7 +289,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs = (
         args.jobs if args.jobs is not None else (min(2, os.cpu_count() or 1) if opts.trainer == "cpu" else 1)
     )
-    if jobs > 1:  # the diffusion model is the long pole: start it first, beside the classifiers
+    if jobs > 1 and opts.trainer == "cpu":
+        # The diffusion model is the long pole: it trains first, alone, on every core the jobs would use.
+        for step in steps:
+            if step.stage == "diffusion":
+                step.exclusive, step.threads = True, jobs
+    elif jobs > 1:
         steps.sort(key=lambda step: step.stage != "diffusion")
     runner = Runner(steps, opts.root / "timings.json", dry_run=args.dry_run, jobs=jobs, root=opts.root)
     try:
