@@ -32,7 +32,13 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffinject.cli import main as cli_main
-from diffinject.metrics import PseudoGroupAccuracy, selection_fallback
+from diffinject.metrics import (
+    SELECTION_MARGIN_SE,
+    PseudoGroupAccuracy,
+    keep_last_epoch,
+    pseudo_balanced_se,
+    selection_fallback,
+)
 from diffinject.stages.bias_ensemble import CSV_NAME, JSON_NAME
 from diffinject.stages.weights import load_classifier_checkpoint
 
@@ -86,6 +92,7 @@ def pseudo_scores(right: torch.Tensor, labels: torch.Tensor, bias_logits: torch.
         "pseudo (hard)": float(hard.compute()),
         "pseudo (soft)": float(groups["balanced"]),
         "size": float(groups["conflicting_size"]),
+        "se": pseudo_balanced_se(groups),
     }
 
 
@@ -94,15 +101,23 @@ def pick(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return max(rows, key=lambda row: (row[key], -row["epoch"]))
 
 
-def apply_rules(rows: list[dict[str, Any]], min_group: float) -> dict[str, dict[str, Any]]:
-    """Every rule's selected epoch, with its test accuracy and distances to the last and the oracle epoch."""
+def apply_rules(
+    rows: list[dict[str, Any]], min_group: float, margin_se: float = SELECTION_MARGIN_SE
+) -> dict[str, dict[str, Any]]:
+    """Every rule's selected epoch, with its test accuracy and distances to the last and the oracle epoch.
+
+    "stage rule" is what the classifier stages do: the last epoch when the pseudo-conflicting group is too
+    small (`selection_fallback`) or when the best soft score is within `margin_se` standard errors of the
+    last epoch's (`keep_last_epoch`), else the best soft score."""
     last, oracle = rows[-1], pick(rows, "test/acc")
     fallback = selection_fallback(rows[0]["size"], min_group)
+    best = pick(rows, "pseudo (soft)")
+    within = keep_last_epoch(best["pseudo (soft)"], last["pseudo (soft)"], last.get("se", 0.0), margin_se)
     chosen = {
         "val/acc": pick(rows, "val/acc"),
         "pseudo (hard)": pick(rows, "pseudo (hard)"),
-        "pseudo (soft)": pick(rows, "pseudo (soft)"),
-        "stage rule": last if fallback else pick(rows, "pseudo (soft)"),
+        "pseudo (soft)": best,
+        "stage rule": last if fallback or within else best,
         "last epoch": last,
         "oracle": oracle,
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffinject.metrics import PseudoGroupAccuracy, selection_fallback
+from diffinject.metrics import PseudoGroupAccuracy, keep_last_epoch, pseudo_balanced_se, selection_fallback
 from diffinject.stages import BiasClassifier, VanillaClassifier
 from test_classifiers import ARGS, TinyBiasedDataModule, tiny_trainer
 
@@ -80,7 +80,7 @@ def test_a_tiny_wrong_group_no_longer_picks_a_biased_epoch() -> None:
 def test_a_large_enough_group_keeps_the_pseudo_group_rule() -> None:
     rule = load_benchmark()
     rows, _, _ = epochs(n_val=400, n_wrong=40, lucky_early=False)
-    chosen = rule.apply_rules(rows, min_group=16)
+    chosen = rule.apply_rules(rows, min_group=16, margin_se=0.0)  # the margin rule: test below
     assert not selection_fallback(rows[0]["size"], 16)
     assert chosen["stage rule"] == chosen["pseudo (soft)"] and chosen["stage rule"]["epoch"] == 1
     assert chosen["val/acc"]["epoch"] == 1  # with 40 conflicting images the biased epoch is already worse
@@ -101,3 +101,55 @@ def test_stage_falls_back_to_the_last_epoch_and_says_so(tmp_path: Path) -> None:
     trainer.test(model, datamodule=data, ckpt_path=str(run / "checkpoints" / "best.ckpt"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["selection"]["rule"] == "last epoch" and metrics["checkpoint_epoch"] == 2
+
+
+def test_the_margin_rule_keeps_the_last_epoch_unless_an_earlier_one_is_clearly_better() -> None:
+    groups = {
+        "aligned": torch.tensor(0.9),
+        "aligned_size": torch.tensor(100.0),
+        "conflicting": torch.tensor(0.5),
+        "conflicting_size": torch.tensor(25.0),
+    }
+    se = pseudo_balanced_se(groups)
+    assert se == pytest.approx(0.5 * (0.9 * 0.1 / 100 + 0.25 / 25) ** 0.5)
+    assert keep_last_epoch(0.70, 0.70 - 0.9 * se, se, 1.0)  # within one standard error: the last epoch
+    assert not keep_last_epoch(0.70, 0.70 - 1.1 * se, se, 1.0)  # clearly better: the best epoch
+    assert not keep_last_epoch(0.70, 0.69, se, 0.0)  # margin 0: the plain maximum
+
+
+def test_a_lucky_early_epoch_within_the_margin_loses_to_the_last_one() -> None:
+    """40 pseudo-conflicting images (no fallback): an early epoch one image luckier than the last one is
+    within a standard error, so the stage rule keeps the last epoch; with margin 0 it is the old maximum."""
+    rows, _, _ = epochs(n_val=400, n_wrong=40, lucky_early=False)
+    rule = load_benchmark()
+    assert rule.apply_rules(rows, min_group=16, margin_se=0.0)["stage rule"]["epoch"] == 1
+    assert rule.apply_rules(rows, min_group=16, margin_se=1.0)["stage rule"]["epoch"] == 4
+
+
+@pytest.mark.parametrize("margin", [0.0, 1000.0])
+def test_stage_applies_the_margin_and_records_it(tmp_path: Path, margin: float) -> None:
+    data = TinyBiasedDataModule()
+    bias_dir = tmp_path / "bias"
+    tiny_trainer(bias_dir, max_epochs=2).fit(BiasClassifier(**ARGS, lr=1e-2), datamodule=data)
+    selection = str(bias_dir / "checkpoints" / "best.ckpt")
+    model = VanillaClassifier(
+        **ARGS, lr=1e-2, selection_bias=selection, selection_min_group=0.0, selection_margin_se=margin
+    )
+    run = tmp_path / "vanilla"
+    tiny_trainer(run, max_epochs=4).fit(model, datamodule=data)
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["diffinject"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["diffinject"]
+    if margin == 0.0:
+        assert best["selection"]["rule"] == "val/acc_pseudo_balanced"
+        assert best["val"]["val/acc_pseudo_balanced"] == max(
+            best["val"]["val/acc_pseudo_balanced"], last["val"]["val/acc_pseudo_balanced"]
+        )
+    else:  # an enormous margin: always the last epoch, and the record says why
+        assert best["epoch"] == last["epoch"] == 3
+        assert best["selection"]["rule"] == "last epoch (best within margin)"
+        assert best["selection"]["margin_se"] == margin and best["selection"]["last_se"] > 0
+
+
+def test_margin_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="selection_margin_se"):
+        VanillaClassifier(**ARGS, selection_margin_se=-1.0)

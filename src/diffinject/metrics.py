@@ -19,8 +19,12 @@ METRIC_NAMES = ("acc", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc
 PSEUDO_BALANCED = "val/acc_pseudo_balanced"
 #: the effective size Σw of the pseudo-conflicting validation group (see `PseudoGroupAccuracy`)
 PSEUDO_CONFLICTING_SIZE = "val/pseudo_conflicting_size"
+#: the binomial standard error of that score at an epoch (`pseudo_balanced_se`)
+PSEUDO_BALANCED_SE = "val/acc_pseudo_balanced_se"
 #: default minimum of that size for the pseudo-group rule to select checkpoints (`selection_fallback`)
 SELECTION_MIN_GROUP = 16.0
+#: default margin, in standard errors, by which an earlier epoch must beat the last one (`keep_last_epoch`)
+SELECTION_MARGIN_SE = 1.0
 
 
 def selection_monitor(selection_bias: str | None) -> str:
@@ -156,6 +160,29 @@ class PseudoGroupAccuracy(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.compute_groups()["balanced"]
+
+
+def pseudo_balanced_se(groups: dict[str, torch.Tensor]) -> float:
+    """Binomial standard error of the pseudo-balanced score: ½·√(Σ_g a_g(1 − a_g)/n_g) over the two groups
+    (a_g the weighted accuracy, n_g the effective size; a group with no weight contributes nothing)."""
+    variance = 0.0
+    for group in ("aligned", "conflicting"):
+        acc, size = float(groups[group]), float(groups[f"{group}_size"])
+        if size > 0 and not math.isnan(acc):
+            variance += acc * (1.0 - acc) / size
+    return 0.5 * math.sqrt(variance)
+
+
+def keep_last_epoch(best_score: float, last_score: float, last_se: float, margin_se: float) -> bool:
+    """Whether `best.ckpt` should be the last epoch although an earlier one scored `best_score`.
+
+    Why: every epoch is scored on the same few pseudo-conflicting validation images, so the maximum over
+    100 epochs is biased upwards by chance, and an early, still-biased epoch can win by a couple of lucky
+    images (the background-colour tree picked epochs 0, 1 and 6 that way). The last epoch is the protocol's
+    default (LfF keeps the final model); an earlier one replaces it only when it scores more than
+    `margin_se` standard errors of the score above it — the one-standard-error rule of model selection.
+    """
+    return best_score - last_score <= margin_se * last_se
 
 
 def selection_fallback(conflicting_size: float, min_group: float) -> bool:

@@ -10,13 +10,16 @@ Selection: `val/acc` by default; with `selection_bias` (the bias stage's checkpo
 weights from its confidence (see `metrics.PseudoGroupAccuracy`): label-free, and it does not reward the
 shortcut the way accuracy on a biased split does. When the pseudo-conflicting group is smaller than
 `selection_min_group` effective images the score is noise, and `best.ckpt` is the last epoch instead
-(`metrics.selection_fallback`); metrics.json records which rule chose the tested checkpoint.
+(`metrics.selection_fallback`). Otherwise the best epoch replaces the last one only when it scores more than
+`selection_margin_se` standard errors above it (`metrics.keep_last_epoch`). metrics.json records which rule
+chose the tested checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,14 @@ from diffinject.losses import check_gce_q, gce_loss
 from diffinject.metrics import (
     METRIC_NAMES,
     PSEUDO_BALANCED,
+    PSEUDO_BALANCED_SE,
     PSEUDO_CONFLICTING_SIZE,
+    SELECTION_MARGIN_SE,
     SELECTION_MIN_GROUP,
     GroupedAccuracy,
     PseudoGroupAccuracy,
+    keep_last_epoch,
+    pseudo_balanced_se,
     selection_fallback,
     selection_monitor,
     to_floats,
@@ -84,6 +91,9 @@ class ClassifierModule(LightningModule):
             the epoch with the best `val/acc_pseudo_balanced` instead of `val/acc` (label-free either way).
         selection_min_group: with `selection_bias`, the fewest effective pseudo-conflicting validation images
             the pseudo-group rule needs; below it `best.ckpt` is the last epoch (0 = never fall back).
+        selection_margin_se: with `selection_bias`, an earlier epoch replaces the last one as `best.ckpt`
+            only when its score is more than this many standard errors above the last epoch's (0: the plain
+            maximum).
     """
 
     def __init__(
@@ -98,8 +108,11 @@ class ClassifierModule(LightningModule):
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
         selection_min_group: float = SELECTION_MIN_GROUP,
+        selection_margin_se: float = SELECTION_MARGIN_SE,
     ) -> None:
         super().__init__()
+        if selection_margin_se < 0:
+            raise ValueError(f"selection_margin_se must be >= 0, got {selection_margin_se}")
         self.save_hyperparameters()
         self.net = self.build_net()
         bias_classes = num_bias_classes or num_classes
@@ -204,6 +217,7 @@ class ClassifierModule(LightningModule):
             values = {
                 PSEUDO_BALANCED: groups["balanced"],
                 PSEUDO_CONFLICTING_SIZE: groups["conflicting_size"],
+                PSEUDO_BALANCED_SE: torch.tensor(pseudo_balanced_se(groups)),
             }
             for name, value in values.items():
                 self.log(name, value.float(), sync_dist=True)
@@ -231,6 +245,44 @@ class ClassifierModule(LightningModule):
                 f"images (< selection_min_group={min_group:g}): {PSEUDO_BALANCED} would be noise, so "
                 "best.ckpt is the last epoch"
             )
+
+    def on_train_end(self) -> None:
+        """The margin rule (`metrics.keep_last_epoch`): make `best.ckpt` the last epoch unless the best one
+        beats it clearly. Runs after the checkpoint callbacks wrote both files for the final epoch."""
+        best = self._best_checkpoint[0] if self._best_checkpoint else None
+        if best is None or best.monitor != PSEUDO_BALANCED or best.best_model_score is None:
+            return
+        last_score = self.val_summary.get(PSEUDO_BALANCED)
+        last_se = self.val_summary.get(PSEUDO_BALANCED_SE)
+        if last_score is None or last_se is None or self.trainer.sanity_checking:
+            return
+        best_score, margin = float(best.best_model_score), float(self.hparams.get("selection_margin_se", 0.0))
+        last_path = Path(best.dirpath) / "last.ckpt"
+        if not last_path.is_file() or not keep_last_epoch(best_score, float(last_score), last_se, margin):
+            return
+        if self.trainer.is_global_zero:
+            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+            record = checkpoint.setdefault(CHECKPOINT_KEY, {})
+            if record.get("epoch") != self.val_summary.get("epoch"):
+                rank_zero_warn(f"{last_path} is not the final epoch's; best.ckpt left as it is")
+            else:
+                record["selection"] = {
+                    **record.get("selection", {}),
+                    "rule": "last epoch (best within margin)",
+                    "best_score": best_score,
+                    "last_score": float(last_score),
+                    "last_se": float(last_se),
+                    "margin_se": margin,
+                }
+                tmp = last_path.with_name(".best.ckpt.tmp")
+                torch.save(checkpoint, tmp)
+                shutil.move(tmp, best.best_model_path)
+                rank_zero_info(
+                    f"{type(self).__name__}: the best epoch ({PSEUDO_BALANCED} {best_score:.4f}) is within "
+                    f"{margin:g} standard errors ({last_se:.4f}) of the last ({float(last_score):.4f}): "
+                    "best.ckpt is the last epoch"
+                )
+        self.trainer.strategy.barrier("selection_margin")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         # Under DDP the DistributedSampler pads with repeats: test on one device for exact counts.

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from diffinject.losses import check_gce_q, gce_loss
-from diffinject.metrics import SELECTION_MIN_GROUP
+from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.stages.classifiers import Batch, ClassifierModule
 from diffinject.stages.weights import CHECKPOINT_KEY
 
@@ -36,6 +36,7 @@ class DebiasClassifier(ClassifierModule):
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
         selection_min_group: float = SELECTION_MIN_GROUP,
+        selection_margin_se: float = SELECTION_MARGIN_SE,
         loss: str = "ce",
         q: float = 0.7,
         require_synthetic: bool = True,
@@ -54,6 +55,7 @@ class DebiasClassifier(ClassifierModule):
             num_bias_classes,
             selection_bias,
             selection_min_group,
+            selection_margin_se,
         )
         self.num_original: int | None = None
         self.num_synthetic: int | None = None

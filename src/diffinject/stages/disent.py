@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffinject.metrics import SELECTION_MIN_GROUP
+from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.nets import DisEntNet
 from diffinject.stages.classifiers import Batch
 from diffinject.stages.lff import ReweightedDebiasModule
@@ -97,6 +97,7 @@ class DisEntClassifier(ReweightedDebiasModule):
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
         selection_min_group: float = SELECTION_MIN_GROUP,
+        selection_margin_se: float = SELECTION_MARGIN_SE,
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
@@ -118,6 +119,7 @@ class DisEntClassifier(ReweightedDebiasModule):
             num_bias_classes,
             selection_bias,
             selection_min_group,
+            selection_margin_se,
             q,
             alpha,
             bias_ensemble,

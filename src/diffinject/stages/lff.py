@@ -29,7 +29,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from diffinject.losses import bias_branch_loss, check_gce_q, classwise_max, ema_update, lff_weights
-from diffinject.metrics import SELECTION_MIN_GROUP
+from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.nets import build_classifier
 from diffinject.stages.bias_ensemble import EnsembleOptions, ensure_committee
 from diffinject.stages.classifiers import Batch, ClassifierModule
@@ -62,6 +62,7 @@ class ReweightedDebiasModule(ClassifierModule):
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
         selection_min_group: float = SELECTION_MIN_GROUP,
+        selection_margin_se: float = SELECTION_MARGIN_SE,
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
@@ -77,6 +78,7 @@ class ReweightedDebiasModule(ClassifierModule):
             num_bias_classes,
             selection_bias,
             selection_min_group,
+            selection_margin_se,
         )
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"{type(self).__name__} alpha must be in [0, 1), got {alpha}")
@@ -249,6 +251,7 @@ class LfFClassifier(ReweightedDebiasModule):
         num_bias_classes: int | None = None,
         selection_bias: str | None = None,
         selection_min_group: float = SELECTION_MIN_GROUP,
+        selection_margin_se: float = SELECTION_MARGIN_SE,
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
@@ -264,6 +267,7 @@ class LfFClassifier(ReweightedDebiasModule):
             num_bias_classes,
             selection_bias,
             selection_min_group,
+            selection_margin_se,
             q,
             alpha,
             bias_ensemble,
