@@ -182,7 +182,9 @@ def test_synthetic_control_does_not_touch_the_real_images(tmp_path: Path) -> Non
 
 
 def test_invalid_synthetic_control_is_a_clear_error(tmp_path: Path) -> None:
-    expected = r"synthetic_control must be one of none, uniform_colour, shuffle_labels, got 'noise'"
+    expected = (
+        r"synthetic_control must be one of none, uniform_colour, shuffle_labels, content_copy, got 'noise'"
+    )
     with pytest.raises(ValueError, match=expected):
         _dm(tmp_path / "manifest.csv", synthetic_control="noise")
 

@@ -37,6 +37,12 @@ from diffinject.data.synthetic import (
 log = logging.getLogger("diffinject.data")
 
 BadImagePolicy = Literal["error", "skip"]
+#: what each synthetic control serves instead of the manifest's data (the setup log says it)
+CONTROL_DESCRIPTIONS = {
+    "uniform_colour": "uniform colour fields, labels kept",
+    "shuffle_labels": "manifest labels permuted, images kept",
+    "content_copy": "each row's content image (the training image at content_index), labels kept",
+}
 
 
 def screen_images(
@@ -91,8 +97,10 @@ class BiasedDataModule(LightningDataModule):
         on_bad_image: "error" raises on an unreadable image, naming it; "skip" decodes every file at setup,
             drops the unreadable ones and logs how many (see `screen_images`).
         synthetic_control: "none" (default), or a control experiment on the synthetic set: "uniform_colour"
-            (every synthetic image replaced by one colour field, uniform in [0, 1]^C, labels kept) or
-            "shuffle_labels" (the manifest's labels permuted, images kept); fixed seed, rank-independent.
+            (every synthetic image replaced by one colour field, uniform in [0, 1]^C, labels kept),
+            "shuffle_labels" (the manifest's labels permuted, images kept) or "content_copy" (every row
+            served as the training image at its `content_index`, through the training transform, with the
+            row's label: top-K oversampling without a generator); fixed seed, rank-independent.
         synthetic_allow_outside: accept manifest paths outside the manifest's folder ('..' or absolute); off,
             such a path is an error (the inject stage only writes paths inside its folder).
     """
@@ -160,7 +168,7 @@ class BiasedDataModule(LightningDataModule):
             self.num_train_original = len(train_eval)
             self._log_split("train", train_eval)
             if self.synthetic_manifest:
-                synthetic = self._synthetic_part()
+                synthetic = self._synthetic_part(train_eval)
                 train = LabeledConcatDataset([train, synthetic])
                 self._log_split("train + synthetic", train)
             self.train_dataset, self.train_eval_dataset = train, train_eval
@@ -171,9 +179,14 @@ class BiasedDataModule(LightningDataModule):
             self.test_dataset = self._build_test()
             self._log_split("test", self.test_dataset)
 
-    def _synthetic_part(self) -> Dataset:
+    def _synthetic_part(self, train_eval: Dataset) -> Dataset:
+        """The manifest's rows as training items (`train_eval`: the content images `content_copy` serves)."""
+        control = self.synthetic_control
         manifest = read_synthetic_manifest(
-            self.synthetic_manifest, self.num_classes, allow_outside=self.synthetic_allow_outside
+            self.synthetic_manifest,
+            self.num_classes,
+            allow_outside=self.synthetic_allow_outside,
+            content_index=control == "content_copy",
         )
         keep = screen_images(
             manifest.paths,
@@ -181,7 +194,8 @@ class BiasedDataModule(LightningDataModule):
             self.on_bad_image,
             self.channels,
             self.image_size,
-            log_conversions=self.synthetic_control != "uniform_colour",  # its pixels are never served
+            log_conversions=control
+            in ("none", "shuffle_labels"),  # the other controls never serve its pixels
         )
         manifest = manifest.subset(keep)
         dataset = synthetic_dataset(
@@ -190,17 +204,16 @@ class BiasedDataModule(LightningDataModule):
             self.image_size,
             index_offset=self.num_train_original,
             transform=self.train_transform(),
-            control=self.synthetic_control,
+            control=control,
+            content_source=train_eval,
         )
         log.info("%s: appended %d synthetic images from %s", self.name, len(dataset), manifest.csv_path)
-        if self.synthetic_control != "none":
+        if control != "none":
             log.warning(
                 "%s: synthetic_control=%s: the synthetic set is a control (%s), not the manifest's data",
                 self.name,
-                self.synthetic_control,
-                "uniform colour fields, labels kept"
-                if self.synthetic_control == "uniform_colour"
-                else "manifest labels permuted, images kept",
+                control,
+                CONTROL_DESCRIPTIONS[control],
             )
         return dataset
 

@@ -135,19 +135,26 @@ def load_torchvision_digits(root: str | Path, download: bool = False) -> Digits:
     )
 
 
-def make_cmnist(
-    digits: Digits, ratio: float, seed: int, color_std: float = 0.005, val_fraction: float = 0.1
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Colour digit splits per the protocol -> {"train"|"val"|"test": (uint8 N×3×H×W, labels, biases)}."""
+def digit_splits(
+    digits: Digits, seed: int, val_fraction: float = 0.1
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The grayscale digits of each split before colouring -> {"train"|"val"|"test": (uint8 N×H×W, labels)};
+    item i of a split here is item i of the coloured split (analyses need the stroke without its colour)."""
     train_x, train_y, test_x, test_y = digits
     keep, held = stratified_split(train_y, val_fraction, rng_for(seed, "cmnist/val-split"))
-    parts = {
+    return {
         "train": (train_x[keep], train_y[keep]),
         "val": (train_x[held], train_y[held]),
         "test": (test_x, test_y),
     }
+
+
+def make_cmnist(
+    digits: Digits, ratio: float, seed: int, color_std: float = 0.005, val_fraction: float = 0.1
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Colour digit splits per the protocol -> {"train"|"val"|"test": (uint8 N×3×H×W, labels, biases)}."""
     out = {}
-    for split, (x, y) in parts.items():
+    for split, (x, y) in digit_splits(digits, seed, val_fraction).items():
         if split == "test":
             biases = assign_uniform(y, 10, rng_for(seed, "cmnist/bias/test"))
         else:
@@ -244,14 +251,21 @@ class CMNISTDataModule(BiasedDataModule):
             "source": source if where is None else os.path.abspath(where),
         }
 
+    def _digits(self) -> Digits:
+        if self.resolve_source() == "embedded":
+            return load_embedded_digits()
+        return load_torchvision_digits(self.root, self.download)
+
+    def grey_digits(self, split: str) -> np.ndarray | None:
+        """A split's digits before colouring (uint8 N×H×W, item order of the split); None for the folder
+        source, whose files hold only the coloured images. Read again on each call (nothing kept)."""
+        if self.resolve_source() == "folder":
+            return None
+        return digit_splits(self._digits(), self.seed, self.val_fraction)[split][0]
+
     def _split(self, split: str) -> TensorImageDataset:
         if self._arrays is None:
-            source = self.resolve_source()
-            digits = (
-                load_embedded_digits()
-                if source == "embedded"
-                else load_torchvision_digits(self.root, self.download)
-            )
+            digits = self._digits()
             self._arrays = make_cmnist(digits, self.ratio, self.seed, self.color_std, self.val_fraction)
         images, labels, biases = self._arrays[split]
         return TensorImageDataset(torch.from_numpy(images), labels, biases)
