@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from diffinject.callbacks import InjectionCheck
-from diffinject.callbacks.injection_check import CHECK_FILENAME
+from diffinject.callbacks.injection_check import CHECK_FILENAME, gate_folder
 from diffinject.cli import main
 from diffinject.data import CMNISTDataModule
 from diffinject.diffusion import to_model_space
@@ -22,7 +22,9 @@ from diffinject.injection_check import (
     bias_moved,
     content_retention,
     content_scores,
+    gate_samples,
     injection_check,
+    second_view_transfer,
 )
 from diffinject.nets import build_classifier
 from diffinject.workflow.configs import Options, stage_config
@@ -128,7 +130,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(root: Path, out: str, bias_checkpoint: str, max_samples: int = 512) -> Path:
+def _config(
+    root: Path, out: str, bias_checkpoint: str, max_samples: int = 512, gate: dict | None = None
+) -> Path:
     run = root / f"runs/cmnist/1pct/{out}"
     config = {
         "return_predictions": False,
@@ -152,6 +156,7 @@ def _config(root: Path, out: str, bias_checkpoint: str, max_samples: int = 512) 
                         "bias_checkpoint": bias_checkpoint,
                         "output_dir": str(run),
                         "max_samples": max_samples,
+                        **(gate or {}),
                     },
                 },
             ],
@@ -269,3 +274,120 @@ def test_pipeline_moves_the_check_to_the_seed_folders(tmp_path: Path, dataset: s
     assert seed_folder == opts.root / "seed2"
     assert args["bias_checkpoint"] == str(seed_folder / "bias/checkpoints/best.ckpt")
     assert args["output_dir"] == config["trainer"]["default_root_dir"] == str(seed_folder / "inject")
+    assert args["gate"] is True
+    assert args["second_view_checkpoint"] == str(seed_folder / "vanilla/checkpoints/best.ckpt")
+    debias = stage_config(opts, "debias", seed=2)
+    assert debias["data"]["init_args"]["synthetic_manifest"] == str(
+        seed_folder / "inject/manifest_accepted.csv"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+def test_gate_samples_needs_a_confident_move_and_the_content() -> None:
+    p = torch.tensor([0.9, 0.9, 0.4, 0.5])
+    retained = torch.tensor([True, False, True, True])
+    assert gate_samples(p, retained, 0.5).tolist() == [True, False, False, True]
+    assert gate_samples(p, retained, 0.0).tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match="shapes"):
+        gate_samples(p, retained[:2], 0.5)
+
+
+def test_second_view_transfer_counts_only_informative_moves() -> None:
+    content = torch.tensor([1, 1, 1, 1, 2, 3])
+    style = torch.tensor([5, 5, 5, 1, 6, 7])  # sample 3: the second view cannot tell content and style apart
+    synthetic = torch.tensor([5, 1, 9, 1, 6, 3])
+    moved = torch.tensor([True, True, True, True, True, False])  # sample 5: the bias model saw no move
+    result = second_view_transfer(synthetic, content, style, moved)
+    assert result["n"] == 4  # samples 0, 1, 2, 4
+    assert result["follows_style"] == pytest.approx(2 / 4) and result["follows_content"] == pytest.approx(
+        1 / 4
+    )
+    assert second_view_transfer(synthetic, content, style, torch.zeros(6, dtype=torch.bool))["n"] == 0
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("min_follow", [0.0, 1.0])
+def test_callback_gate_writes_the_accepted_manifest_and_obeys_the_premise(
+    workdir: Path, min_follow: float
+) -> None:
+    """The gate's per-sample verdicts in gate.csv agree with manifest_accepted.csv; a premise threshold no
+    second view can reach (1.0, with an untrained 'Vanilla' model) rejects the whole set and says why."""
+    bias = str(workdir / "runs/cmnist/1pct/bias/checkpoints/best.ckpt")
+    out = f"inject_gate{int(min_follow)}"
+    gate = {
+        "gate": True,
+        "gate_min_confidence": 0.0,
+        "second_view_checkpoint": bias,  # any classifier checkpoint serves as the second view here
+        "premise_min_follow": min_follow,
+    }
+    main(["predict", "--config", str(_config(workdir, out, bias, gate=gate))])
+    run = workdir / f"runs/cmnist/1pct/{out}"
+    check = json.loads((run / CHECK_FILENAME).read_text())
+    judged = _read_csv(run / "gate.csv")
+    accepted = _read_csv(run / "manifest_accepted.csv")
+    manifest = {row["index"]: row for row in _read_csv(run / "manifest.csv")}
+    assert len(judged) == len(manifest) == check["gate"]["num_rows"] == 18
+    kept = [row["index"] for row in judged if row["accepted"] == "1"]
+    assert [row["index"] for row in accepted] == kept and check["gate"]["accepted"] == len(kept)
+    assert all(accepted_row == manifest[accepted_row["index"]] for accepted_row in accepted)
+    premise = check["gate"]["premise"]
+    if premise["n"] == 0:  # nothing informative: no verdict, the per-sample gate alone decides
+        assert premise["holds"] is None
+    else:  # the second view is the bias model itself: it follows every move it sees, so the premise holds
+        assert premise["second_view_follows_style"] == 1.0 and premise["holds"] is True
+    if min_follow == 0.0:  # with confidence 0 the per-sample gate is content retention alone
+        assert kept == [row["index"] for row in judged if row["retained"] == "1"]
+
+
+def _judged(p: list[float], retained: list[bool], view: list[tuple[int, int, int]]) -> dict:
+    syn, con, sty = (torch.tensor([v[i] for v in view]) for i in range(3))
+    probs = torch.tensor(p)
+    return {
+        "p_style_class": probs,
+        "moved": probs >= 0.5,
+        "retained": torch.tensor(retained),
+        "view_synthetic": syn,
+        "view_content": con,
+        "view_style": sty,
+    }
+
+
+def test_gate_folder_rejects_the_set_when_the_second_view_ignores_the_edit(tmp_path: Path) -> None:
+    rows = [{"index": str(i), "path": f"images/{i}.png", "label": "0"} for i in range(4)]
+    p, retained = [0.9, 0.8, 0.2, 0.9], [True, True, True, False]
+    # the ERM model keeps reading the content on every moved image: the premise fails
+    ignores = _judged(p, retained, [(1, 1, 2), (3, 3, 4), (5, 5, 6), (7, 7, 8)])
+    result = gate_folder(tmp_path, rows, ignores, True, 0.5, 0.25)
+    assert result["premise"]["holds"] is False and result["premise"]["second_view_follows_style"] == 0.0
+    assert result["accepted"] == 0 and "premise failed" in result["verdict"]
+    assert _read_csv(tmp_path / "manifest_accepted.csv") == []
+    assert [r["accepted"] for r in _read_csv(tmp_path / "gate.csv")] == ["0"] * 4
+    # it follows the edit: the per-sample gate decides (confident move and content retained)
+    follows = _judged(p, retained, [(2, 1, 2), (4, 3, 4), (5, 5, 6), (8, 7, 8)])
+    result = gate_folder(tmp_path, rows, follows, True, 0.5, 0.25)
+    assert result["premise"]["holds"] is True and result["accepted"] == 2
+    assert [r["index"] for r in _read_csv(tmp_path / "manifest_accepted.csv")] == ["0", "1"]
+    assert result["rejected_not_moved"] == 1 and result["rejected_not_retained"] == 1
+    # gate off: everything is used, the premise is still reported
+    result = gate_folder(tmp_path, rows, ignores, False, 0.5, 0.25)
+    assert result["accepted"] == 4 and result["premise"]["holds"] is False
+
+
+def test_gate_off_accepts_everything_but_still_judges(workdir: Path) -> None:
+    bias = str(workdir / "runs/cmnist/1pct/bias/checkpoints/best.ckpt")
+    main(["predict", "--config", str(_config(workdir, "inject_nogate", bias))])
+    run = workdir / "runs/cmnist/1pct/inject_nogate"
+    check = json.loads((run / CHECK_FILENAME).read_text())
+    assert check["gate"]["enabled"] is False and check["gate"]["accepted"] == 18
+    assert len(_read_csv(run / "manifest_accepted.csv")) == 18 and check["gate"]["premise"]["holds"] is None
+
+
+def test_gate_thresholds_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="premise_min_follow"):
+        InjectionCheck(bias_checkpoint="b.ckpt", output_dir=str(tmp_path), premise_min_follow=1.5)

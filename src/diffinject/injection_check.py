@@ -64,6 +64,60 @@ def predict_classes(net: nn.Module, images: Tensor, batch_size: int = 256) -> Te
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+@torch.no_grad()
+def predict_probs(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Softmax of a classifier taking [0, 1] images, N × classes, fp32 on the CPU."""
+    _check_images(images, "predict_probs")
+    was_training = net.training
+    net.eval()
+    device = _device(net)
+    out = [
+        net(images[i : i + batch_size].to(device).float()).float().softmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def gate_samples(p_style_class: Tensor, retained: Tensor, min_confidence: float) -> Tensor:
+    """Per-sample bool: the synthetic image is kept for training.
+
+    Kept when the bias model gives the class it assigns the *style* image probability ≥ `min_confidence`
+    on the synthetic image (the bias attribute moved, and landed on something the bias model recognises
+    rather than a mixture between two attributes; ≥ 0.5 implies it is the argmax) and the content was
+    retained (`content_scores`). What fails either test would teach the debiased model a wrong pair:
+    the content's label on an image that is no longer the content, or on one whose attribute did not move.
+    """
+    if p_style_class.shape != retained.shape:
+        raise ValueError(f"gate_samples: shapes {tuple(p_style_class.shape)} and {tuple(retained.shape)}")
+    return (p_style_class >= min_confidence) & retained.bool()
+
+
+def second_view_transfer(
+    view_synthetic: Tensor, view_content: Tensor, view_style: Tensor, moved: Tensor
+) -> dict[str, Any]:
+    """Does a second, independently trained classifier see the edit the bias model sees?
+
+    Arguments are the second view's predicted classes on the synthetic, content and style images, and the
+    bias model's per-sample `moved`. Over the samples the bias model calls moved and the second view tells
+    content and style apart: `follows_style` = the second view assigns the synthetic image its class of the
+    style, `follows_content` = its class of the content. The method's premise is that the bias attribute is
+    a shortcut a plain ERM model takes too; then an edit of that attribute moves the ERM model's prediction
+    with it (follows_style high). When the bias model has learned something else (the class itself, or an
+    attribute the ERM model ignores), or the guidance only fooled it adversarially, the ERM model keeps
+    reading the content (follows_style near chance).
+    """
+    informative = moved.bool() & (view_content != view_style)
+    n = int(informative.sum())
+    if n == 0:
+        return {"n": 0, "follows_style": None, "follows_content": None}
+    return {
+        "n": n,
+        "follows_style": round(float((view_synthetic == view_style)[informative].float().mean()), 6),
+        "follows_content": round(float((view_synthetic == view_content)[informative].float().mean()), 6),
+    }
+
+
 def bias_moved(bias_net: nn.Module, synthetic: Tensor, style: Tensor) -> Tensor:
     """Per-sample bool: the bias model assigns the synthetic image the class it assigns the style image."""
     return predict_classes(bias_net, synthetic) == predict_classes(bias_net, style)

@@ -12,10 +12,24 @@ that had nothing left to generate (Lightning skips the predict loop then, so thi
 every run reaches). It is deterministic (fixed subset, t fixed, no noise), so a rerun of a finished set
 rewrites the same numbers, and a set completed after an interruption gets figures over the complete set.
 It costs a few encoder passes over at most 3 × `max_samples` images (about a second for CMNIST on a CPU).
+
+The gate (`gate`, on in the pipeline's configs) then reads *every* finished sample and decides what the debias
+stage trains on, written as `manifest_accepted.csv` (the manifest's rows that pass, same columns) and
+`gate.csv` (one line per sample: the figures it was judged on):
+- per sample (`injection_check.gate_samples`): the bias model gives the style's class probability ≥
+  `gate_min_confidence` on the synthetic image, and the content was retained;
+- per set, the **premise check** (`injection_check.second_view_transfer`, with `second_view_checkpoint`, the
+  seed's Vanilla ERM model): on the images the bias model calls moved, does an independently trained ERM
+  model follow the edit to the style's class? When it does so for fewer than `premise_min_follow` of them,
+  the bias model's attribute is not a shortcut plain training takes (or the edit only fooled the bias
+  model), the method's premise does not hold, and nothing is accepted: the debias stage then trains plainly
+  on the real images (`if_no_synthetic: erm`) and the summary and the report say why.
+With the gate off every sample is accepted (and still judged, for the report).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -26,12 +40,27 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from diffinject.callbacks.synthetic_writer import collect_rows
-from diffinject.injection_check import DEFAULT_FEATURE_T, injection_check
+from diffinject.callbacks.synthetic_writer import MANIFEST_COLUMNS, collect_rows, write_manifest_atomic
+from diffinject.injection_check import (
+    DEFAULT_FEATURE_T,
+    bottleneck_h,
+    content_scores,
+    gate_samples,
+    injection_check,
+    predict_probs,
+    second_view_transfer,
+)
 from diffinject.report.analysis import load_images
 from diffinject.stages.weights import load_classifier_checkpoint
 
 CHECK_FILENAME = "injection_check.json"
+ACCEPTED_FILENAME = "manifest_accepted.csv"
+GATE_FILENAME = "gate.csv"
+GATE_COLUMNS = ("index", "p_style_class", "retained", "second_view_class", "accepted")
+#: images per chunk of the gate (bounds memory on large images)
+GATE_CHUNK = 512
+#: default premise threshold: see `docs/results` (premise check) for the values it separates
+PREMISE_MIN_FOLLOW = 0.25
 KNOWN_DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
 
 
@@ -80,6 +109,123 @@ def check_folder(
     return {**figures, **result}
 
 
+def judge_rows(
+    folder: Path,
+    rows: list[dict[str, str]],
+    bias_net: nn.Module,
+    unet: nn.Module,
+    model_size: int,
+    train_dataset: Any,
+    second_view: nn.Module | None,
+    feature_t: int = DEFAULT_FEATURE_T,
+) -> dict[str, torch.Tensor]:
+    """Per-sample figures of the gate over `rows`: p_style_class, retained, moved, and the second view's
+    classes of the synthetic / content / style images (-1 without a second view). In chunks."""
+    channels = int(train_dataset[0]["image"].shape[0])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(rows), GATE_CHUNK):
+        chunk = rows[start : start + GATE_CHUNK]
+        images = {
+            "synthetic": torch.from_numpy(load_images([folder / r["path"] for r in chunk], channels)).float()
+            / 255.0,
+            "content": training_images(train_dataset, [int(r["content_index"]) for r in chunk]),
+            "style": training_images(train_dataset, [int(r["style_index"]) for r in chunk]),
+        }
+        probs = {name: predict_probs(bias_net, x) for name, x in images.items()}
+        style_class = probs["style"].argmax(1)
+        feats = [
+            bottleneck_h(unet, images[n], model_size, feature_t) for n in ("synthetic", "content", "style")
+        ]
+        out = {
+            "p_style_class": probs["synthetic"].gather(1, style_class[:, None]).squeeze(1),
+            "moved": probs["synthetic"].argmax(1) == style_class,
+            "retained": content_scores(*feats, normalise=True)["retained"],
+        }
+        for name, x in images.items():
+            view = predict_probs(second_view, x).argmax(1) if second_view is not None else None
+            out[f"view_{name}"] = view if view is not None else torch.full((len(chunk),), -1)
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def gate_folder(
+    folder: Path,
+    rows: list[dict[str, str]],
+    judged: dict[str, torch.Tensor],
+    enabled: bool,
+    min_confidence: float,
+    premise_min_follow: float,
+) -> dict[str, Any]:
+    """Apply the gate and the premise check; write `gate.csv` and `manifest_accepted.csv`; the summary."""
+    n = len(rows)
+    per_sample = gate_samples(judged["p_style_class"], judged["retained"], min_confidence)
+    has_view = n > 0 and bool((judged["view_synthetic"] >= 0).all())
+    transfer = (
+        second_view_transfer(
+            judged["view_synthetic"], judged["view_content"], judged["view_style"], judged["moved"]
+        )
+        if has_view
+        else {"n": 0, "follows_style": None, "follows_content": None}
+    )
+    follows = transfer["follows_style"]
+    premise_holds = None if follows is None else bool(follows >= premise_min_follow)
+    accepted = per_sample if enabled else torch.ones(n, dtype=torch.bool)
+    if enabled and premise_holds is False:
+        accepted = torch.zeros(n, dtype=torch.bool)
+    with (folder / f".{GATE_FILENAME}.tmp").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(GATE_COLUMNS)
+        for i, row in enumerate(rows):
+            writer.writerow(
+                [
+                    row["index"],
+                    f"{float(judged['p_style_class'][i]):.6f}",
+                    int(judged["retained"][i]),
+                    int(judged["view_synthetic"][i]),
+                    int(accepted[i]),
+                ]
+            )
+    os.replace(folder / f".{GATE_FILENAME}.tmp", folder / GATE_FILENAME)
+    kept = [row for row, keep in zip(rows, accepted.tolist(), strict=True) if keep]
+    write_manifest_atomic(folder / ACCEPTED_FILENAME, kept, MANIFEST_COLUMNS)
+    rate = round(len(kept) / n, 6) if n else None
+    if not enabled:
+        verdict = "gate off: every synthetic image is used"
+    elif premise_holds is False:
+        verdict = (
+            f"premise failed: an independently trained ERM model follows the edit on only {follows:.0%} of "
+            f"the images the bias model calls moved (needs {premise_min_follow:.0%}); the bias model does "
+            "not seem to read a shortcut plain training takes, so no synthetic image is used and the "
+            "debiased model is plain training on the real images"
+        )
+    elif n and len(kept) < n / 2:
+        verdict = (
+            f"the gate rejected most of the synthetic set ({n - len(kept)} of {n}): the generator rarely "
+            "moved "
+            "the bias attribute while keeping the content; only the accepted images are used"
+        )
+    else:
+        verdict = f"{len(kept)} of {n} synthetic images accepted"
+    return {
+        "enabled": enabled,
+        "num_rows": n,
+        "accepted": len(kept),
+        "accepted_rate": rate,
+        "rejected_not_moved": int((judged["p_style_class"] < min_confidence).sum()),
+        "rejected_not_retained": int((~judged["retained"].bool()).sum()),
+        "min_confidence": min_confidence,
+        "premise": {
+            "holds": premise_holds,
+            "second_view_follows_style": follows,
+            "second_view_follows_content": transfer["follows_content"],
+            "n": transfer["n"],
+            "min_follow": premise_min_follow,
+        },
+        "verdict": verdict,
+    }
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -94,6 +240,11 @@ class InjectionCheck(Callback):
         output_dir: the inject folder (the `SyntheticImageWriter`'s `output_dir`).
         max_samples: check the first this many finished samples (by sample index).
         feature_t: timestep at which the U-Net encoder reads the clean images for content retention.
+        gate: judge every sample and accept only those that pass (else all are accepted); see module doc.
+        gate_min_confidence: the bias model's probability of the style's class a synthetic image needs.
+        second_view_checkpoint: the seed's Vanilla ERM checkpoint for the premise check (None: no check).
+        premise_min_follow: the premise holds when the second view follows at least this fraction of the
+            edits the bias model sees.
     """
 
     def __init__(
@@ -102,10 +253,24 @@ class InjectionCheck(Callback):
         output_dir: str,
         max_samples: int = 512,
         feature_t: int = DEFAULT_FEATURE_T,
+        gate: bool = False,
+        gate_min_confidence: float = 0.5,
+        second_view_checkpoint: str | None = None,
+        premise_min_follow: float = PREMISE_MIN_FOLLOW,
     ) -> None:
         super().__init__()
         if max_samples < 1:
             raise ValueError(f"InjectionCheck max_samples must be >= 1, got {max_samples}")
+        for name, value in (
+            ("gate_min_confidence", gate_min_confidence),
+            ("premise_min_follow", premise_min_follow),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"InjectionCheck {name} must be in [0, 1], got {value}")
+        self.gate = gate
+        self.gate_min_confidence = gate_min_confidence
+        self.second_view_checkpoint = Path(second_view_checkpoint) if second_view_checkpoint else None
+        self.premise_min_follow = premise_min_follow
         self.bias_checkpoint = Path(bias_checkpoint)
         self.output_dir = Path(output_dir)
         self.max_samples = max_samples
@@ -117,6 +282,12 @@ class InjectionCheck(Callback):
             return
         # before any image is generated: a missing bias model must not cost a whole injection run
         check_bias_checkpoint(self.bias_checkpoint)
+        if self.second_view_checkpoint is not None and not self.second_view_checkpoint.is_file():
+            raise FileNotFoundError(
+                f"InjectionCheck: second_view_checkpoint {self.second_view_checkpoint} not found; it is the "
+                "seed's Vanilla model (<vanilla folder>/checkpoints/best.ckpt): run that stage first, or set "
+                "second_view_checkpoint: null to skip the premise check"
+            )
         source = getattr(trainer.datamodule, "data", None)
         if source is None or not hasattr(pl_module, "unet") or not hasattr(pl_module, "model_size"):
             raise TypeError(
@@ -160,9 +331,28 @@ class InjectionCheck(Callback):
             self.max_samples,
             self.feature_t,
         )
+        rows = [row for _, row in sorted(collect_rows(self.output_dir).items())]
+        second_view = None
+        if self.second_view_checkpoint is not None:
+            second_view, _ = load_classifier_checkpoint(self.second_view_checkpoint, expect)
+            second_view = second_view.to(pl_module.device).eval().requires_grad_(False)
+        judged = judge_rows(
+            self.output_dir,
+            rows,
+            bias_net,
+            pl_module.unet,
+            int(pl_module.model_size),
+            datamodule.data.train_eval_dataset,
+            second_view,
+            self.feature_t,
+        )
+        gate = gate_folder(
+            self.output_dir, rows, judged, self.gate, self.gate_min_confidence, self.premise_min_follow
+        )
         plan = getattr(datamodule, "plan", None)
         payload = {
             **figures,
+            "gate": gate,
             "complete": plan is not None and figures["num_rows"] == len(plan),
             "max_samples": self.max_samples,
             "subset": "the first n finished samples by index",
@@ -183,7 +373,10 @@ class InjectionCheck(Callback):
             f"InjectionCheck: n={payload['n']} bias_moved={payload['bias_moved']:.3f} "
             f"bias_kept_content={payload['bias_kept_content']:.3f} "
             f"content_retention={payload['content_retention']:.3f} "
-            f"moved_and_retained={payload['moved_and_retained']:.3f} → {self.output_dir / CHECK_FILENAME}",
+            f"moved_and_retained={payload['moved_and_retained']:.3f} → {self.output_dir / CHECK_FILENAME}\n"
+            f"InjectionCheck gate: {gate['verdict']}",
             flush=True,
         )
+        if gate["enabled"] and gate["accepted"] < gate["num_rows"] / 2:
+            rank_zero_warn(f"InjectionCheck: {gate['verdict']}")
         return payload

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffinject.report.gate import gate_lines
 from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, numeric_leaves
 
 if TYPE_CHECKING:
@@ -181,6 +182,7 @@ def markdown(results: dict[str, Any]) -> str:
         parts += [f"- {note}" for note in synthetic["notes"]]
     else:
         parts.append("– (no `inject/manifest.csv`: the injection stage was not run)")
+    parts += ["", "## Gate and premise check (inject stage)", "", *gate_lines(results.get("gate"))]
     parts += ["", "## Wall time", "", "| stage | seconds | per seed |", "|---|---|---|"]
     for stage, entry in results["timings"]["per_stage"].items():
         per = ", ".join(f"{k}: {v:.0f}" for k, v in entry["per_seed"].items())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffinject.report import synthetic as rs
+from diffinject.report.gate import collect_gate
 from diffinject.report.inputs import (
     METHODS,
     collect_configs,
@@ -113,6 +114,8 @@ def write_report(
             "samples.png show the injection manifest's images and labels, not the control data it trained on"
         )
     results["synthetic"] = synthetic
+    results["gate"] = collect_gate(root, seeds)
+    results["notes"] += (results["gate"] or {}).get("notes", [])
     accuracy = accuracy_figure(report_dir / "accuracy.png", results)
     figures["accuracy"] = str(accuracy) if accuracy else None
     if accuracy is None:

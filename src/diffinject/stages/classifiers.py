@@ -177,6 +177,34 @@ class ClassifierModule(LightningModule):
     def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def no_synthetic_fallback(self) -> str | None:
+        """Why this fit should be plain ERM on the real images, or None.
+
+        A debias stage whose data module was given a synthetic manifest that holds no image (the inject
+        stage's gate accepted none, e.g. because its premise check failed) has nothing the method could add;
+        its reweighting would then only amplify what the bias model got wrong. Then: plain cross-entropy,
+        said in the log and in metrics.json (`fallback`).
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        manifest = getattr(datamodule, "synthetic_manifest", None)
+        original = getattr(datamodule, "num_train_original", None)
+        train = getattr(datamodule, "train_dataset", None)
+        if not manifest or original is None or train is None or len(train) > int(original):
+            return None
+        return (
+            f"the synthetic manifest {manifest} holds no usable image (the inject stage's gate accepted "
+            "none: see injection_check.json next to it), so this stage trains plain ERM on the real images"
+        )
+
+    def plain_step(self, batch: Batch) -> torch.Tensor:
+        """One ERM step of `self.net` (the fallback of `no_synthetic_fallback`)."""
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, batch_size=batch["label"].numel(), sync_dist=True
+        )
+        return loss
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.training_loss(logits, batch).mean()
@@ -303,6 +331,7 @@ class ClassifierModule(LightningModule):
             "checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
             "checkpoint_epoch": self.loaded_checkpoint.get("epoch"),
             "selection": self.loaded_checkpoint.get("selection", self.selection),
+            "fallback": self.loaded_checkpoint.get("fallback", getattr(self, "fallback", None)),
             "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
             "hparams": {k: v for k, v in self.hparams.items() if not str(k).startswith("_")},
             **self.extra_metrics(),
@@ -322,6 +351,7 @@ class ClassifierModule(LightningModule):
             "val": dict(self.val_summary),
             "epoch": self.current_epoch,
             "selection": dict(self.selection),
+            "fallback": getattr(self, "fallback", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -20,8 +20,10 @@ class DebiasClassifier(ClassifierModule):
     Args:
         loss: "ce" (default) or "gce".
         q: GCE exponent when loss="gce".
-        require_synthetic: fail when the data module adds no synthetic items (a missing manifest would
+        require_synthetic: fail when the data module is given no synthetic manifest (a missing manifest would
             otherwise silently turn this into the Vanilla baseline).
+        if_no_synthetic: when the manifest it was given holds no image (the inject stage's gate accepted
+            none): "erm" trains plain cross-entropy on the real images, "train" keeps the configured loss.
     """
 
     def __init__(
@@ -40,7 +42,12 @@ class DebiasClassifier(ClassifierModule):
         loss: str = "ce",
         q: float = 0.7,
         require_synthetic: bool = True,
+        if_no_synthetic: str = "erm",
     ) -> None:
+        if if_no_synthetic not in ("train", "erm"):
+            raise ValueError(
+                f"DebiasClassifier if_no_synthetic must be 'train' or 'erm', got {if_no_synthetic!r}"
+            )
         if loss not in ("ce", "gce"):
             raise ValueError(f"DebiasClassifier loss must be 'ce' or 'gce', got {loss!r}")
         check_gce_q(q)
@@ -59,6 +66,7 @@ class DebiasClassifier(ClassifierModule):
         )
         self.num_original: int | None = None
         self.num_synthetic: int | None = None
+        self.fallback: str | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -73,7 +81,10 @@ class DebiasClassifier(ClassifierModule):
             f"DebiasClassifier: training on {self.num_original} original + "
             f"{self.num_synthetic} synthetic items"
         )
-        if self.num_synthetic <= 0:
+        self.fallback = self.no_synthetic_fallback() if self.hparams.if_no_synthetic == "erm" else None
+        if self.fallback:  # a manifest was given but the gate accepted nothing: plain ERM, said loudly
+            rank_zero_warn(f"DebiasClassifier: {self.fallback}")
+        elif self.num_synthetic <= 0 and not getattr(datamodule, "synthetic_manifest", None):
             message = (
                 "DebiasClassifier: the training set has no synthetic items; set "
                 "data.init_args.synthetic_manifest to the inject stage's manifest.csv"
@@ -83,6 +94,8 @@ class DebiasClassifier(ClassifierModule):
             rank_zero_warn(message)
 
     def training_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.fallback:
+            return F.cross_entropy(logits.float(), batch["label"], reduction="none")
         if self.num_original is not None:
             synthetic = (batch["index"] >= self.num_original).float().mean()
             self.log(

@@ -101,6 +101,7 @@ class DisEntClassifier(ReweightedDebiasModule):
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
+        if_no_synthetic: str = "train",
         swap_start: int = 10000,
         lambda_swap: float = 1.0,
         lambda_dis_align: float = 10.0,
@@ -123,6 +124,7 @@ class DisEntClassifier(ReweightedDebiasModule):
             q,
             alpha,
             bias_ensemble,
+            if_no_synthetic,
         )
         if swap_start < 0 or (lr_decay_step is not None and lr_decay_step < 1):
             raise ValueError(f"DisEnt needs swap_start >= 0 and lr_decay_step >= 1 or null, got "
@@ -152,6 +154,8 @@ class DisEntClassifier(ReweightedDebiasModule):
         return torch.randperm(batch_size, device=self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.fallback:
+            return self.plain_step(batch)
         label = batch["label"]
         z_i, z_b = self.net.features(batch["image"])
         # W needs this step's CE of both heads first (as the reference, on the un-swapped features).

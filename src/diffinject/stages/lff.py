@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -48,6 +49,9 @@ class ReweightedDebiasModule(ClassifierModule):
         q: GCE exponent of the bias branch (0.7).
         alpha: EMA momentum of the per-sample losses (0.7).
         bias_ensemble: BiasEnsemble options (`EnsembleOptions` keys, `{}` for the defaults) or None (off).
+        if_no_synthetic: as a debias stage, what to do when the synthetic manifest it was given holds no image
+            (the inject stage's gate accepted none): "erm" trains plain ERM on the real images
+            (`ClassifierModule.no_synthetic_fallback`), "train" trains this method anyway.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ReweightedDebiasModule(ClassifierModule):
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
+        if_no_synthetic: str = "train",
     ) -> None:
         super().__init__(
             arch,
@@ -82,6 +87,11 @@ class ReweightedDebiasModule(ClassifierModule):
         )
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"{type(self).__name__} alpha must be in [0, 1), got {alpha}")
+        if if_no_synthetic not in ("train", "erm"):
+            raise ValueError(
+                f"{type(self).__name__} if_no_synthetic must be 'train' or 'erm', got {if_no_synthetic!r}"
+            )
+        self.fallback: str | None = None
         check_gce_q(q)
         self.ensemble = EnsembleOptions.parse(bias_ensemble)
         self.val_acc_b = MulticlassAccuracy(num_classes, average="micro")
@@ -106,6 +116,10 @@ class ReweightedDebiasModule(ClassifierModule):
                     f"{type(self).__name__} needs a data module with a train_dataset (per-sample EMAs)"
                 )
             self.num_train = len(datamodule.train_dataset)
+            if self.hparams.if_no_synthetic == "erm":
+                self.fallback = self.no_synthetic_fallback()
+                if self.fallback:
+                    rank_zero_warn(f"{type(self).__name__}: {self.fallback}")
 
     def on_fit_start(self) -> None:
         """Allocate the per-sample state on the training device (restored when resuming); run or read the
@@ -204,6 +218,8 @@ class ReweightedDebiasModule(ClassifierModule):
         self.train_w_conflicting.update(weight[(bias >= 0) & (bias != label)])
 
     def on_train_epoch_end(self) -> None:
+        if self.fallback:  # plain ERM: no weights were computed
+            return
         for name, metric in (("aligned", self.train_w_aligned), ("conflicting", self.train_w_conflicting)):
             # NaN for an epoch without such items; compute() already synced the ranks
             self.log(f"train/weight_{name}", metric.compute(), sync_dist=True)
@@ -255,6 +271,7 @@ class LfFClassifier(ReweightedDebiasModule):
         q: float = 0.7,
         alpha: float = 0.7,
         bias_ensemble: dict[str, Any] | None = None,
+        if_no_synthetic: str = "train",
     ) -> None:
         super().__init__(
             arch,
@@ -271,6 +288,7 @@ class LfFClassifier(ReweightedDebiasModule):
             q,
             alpha,
             bias_ensemble,
+            if_no_synthetic,
         )
         self.net_b = build_classifier(arch, num_classes, in_channels, image_size, pretrained)
 
@@ -278,6 +296,8 @@ class LfFClassifier(ReweightedDebiasModule):
         return self.net_b(images)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.fallback:
+            return self.plain_step(batch)
         images, label = batch["image"], batch["label"]
         logits_b, logits_d = self.net_b(images).float(), self.net(images).float()
         ce_b = F.cross_entropy(logits_b, label, reduction="none")

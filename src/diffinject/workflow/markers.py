@@ -27,7 +27,7 @@ STARTED_NAME = ".pipeline_started.json"
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "bias": ("checkpoints/best.ckpt", "topk.csv"),
     "diffusion": ("unet/*.safetensors", "unet/*.bin", "unet/config.json", "unet/diffusion_info.json"),
-    "inject": ("manifest.csv", "images/*.png"),
+    "inject": ("manifest.csv", "manifest_accepted.csv", "images/*.png"),
 }
 DEFAULT_OUTPUTS = ("metrics.json",)
 TMP_PREFIX = ".pipeline-tmp-"

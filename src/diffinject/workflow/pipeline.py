@@ -91,6 +91,15 @@ def selection_upstream(config: dict[str, Any], seed: int, stages: Sequence[str])
     return [f"seed{seed}/bias"] if selection else []
 
 
+def second_view_upstream(config: dict[str, Any], seed: int) -> list[str]:
+    """The Vanilla step an inject stage waits for when its gate's premise check reads the Vanilla model."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    reads = any(
+        isinstance(c, dict) and (c.get("init_args") or {}).get("second_view_checkpoint") for c in callbacks
+    )
+    return [f"seed{seed}/vanilla"] if reads else []
+
+
 def plan(opts: Options) -> list[Step]:
     """Every step in execution order (the report is run separately, after them)."""
     if opts.dataset not in DATASETS:
@@ -172,6 +181,7 @@ def plan(opts: Options) -> list[Step]:
                 str(seed),
             ]
             upstream = [f"seed{seed}/bias"] + (["diffusion"] if export is None else [])
+            upstream += second_view_upstream(config, seed)
             step = Step("inject", seed, folder, [command], folder / "manifest.csv", config, upstream)
             if export is not None:  # a given model: its weights are an input (a changed file rebuilds inject)
                 step.inputs = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin"))

@@ -33,6 +33,7 @@ DOWNSTREAM = {
     "inject": ("inject", "debias"),
     "debias": ("debias",),
     **{stage: (stage,) for stage in BASELINES},
+    "vanilla": ("vanilla", "inject", "debias"),  # the inject gate's premise check reads the Vanilla model
 }
 
 
