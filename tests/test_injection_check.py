@@ -283,13 +283,10 @@ def test_pipeline_moves_the_check_to_the_seed_folders(tmp_path: Path, dataset: s
 
 
 # ------------------------------------------------------------------------------------------------ the gate
-def test_gate_samples_needs_a_confident_move_and_the_content() -> None:
-    p = torch.tensor([0.9, 0.9, 0.4, 0.5])
-    retained = torch.tensor([True, False, True, True])
-    assert gate_samples(p, retained, 0.5).tolist() == [True, False, False, True]
-    assert gate_samples(p, retained, 0.0).tolist() == [True, False, True, True]
-    with pytest.raises(ValueError, match="shapes"):
-        gate_samples(p, retained[:2], 0.5)
+def test_gate_samples_needs_a_confident_move() -> None:
+    p = torch.tensor([0.95, 0.9, 0.4, 0.5])
+    assert gate_samples(p, 0.5).tolist() == [True, True, False, True]
+    assert gate_samples(p, 0.9).tolist() == [True, True, False, False]
 
 
 def test_second_view_transfer_counts_only_informative_moves() -> None:
@@ -341,8 +338,10 @@ def test_callback_gate_writes_the_accepted_manifest_and_obeys_the_premise(
         assert premise["holds"] is None
     else:  # the second view is the bias model itself: it follows every move it sees, so the premise holds
         assert premise["second_view_follows_style"] == 1.0 and premise["holds"] is True
-    if min_follow == 0.0:  # with confidence 0 the per-sample gate is content retention alone
-        assert kept == [row["index"] for row in judged if row["retained"] == "1"]
+    if min_follow == 0.0 and not check["gate"]["content_lost"]:  # confidence 0: every image passes
+        assert len(kept) == 18
+    if check["gate"]["content_lost"]:
+        assert kept == [] and "content lost" in check["gate"]["verdict"]
 
 
 def _judged(p: list[float], retained: list[bool], view: list[tuple[int, int, int]]) -> dict:
@@ -368,12 +367,16 @@ def test_gate_folder_rejects_the_set_when_the_second_view_ignores_the_edit(tmp_p
     assert result["accepted"] == 0 and "premise failed" in result["verdict"]
     assert _read_csv(tmp_path / "manifest_accepted.csv") == []
     assert [r["accepted"] for r in _read_csv(tmp_path / "gate.csv")] == ["0"] * 4
-    # it follows the edit: the per-sample gate decides (confident move and content retained)
+    # it follows the edit: the per-sample gate decides (a confident move); 3 of 4 keep their content
     follows = _judged(p, retained, [(2, 1, 2), (4, 3, 4), (5, 5, 6), (8, 7, 8)])
     result = gate_folder(tmp_path, rows, follows, True, 0.5, 0.25)
-    assert result["premise"]["holds"] is True and result["accepted"] == 2
-    assert [r["index"] for r in _read_csv(tmp_path / "manifest_accepted.csv")] == ["0", "1"]
-    assert result["rejected_not_moved"] == 1 and result["rejected_not_retained"] == 1
+    assert result["premise"]["holds"] is True and result["accepted"] == 3
+    assert [r["index"] for r in _read_csv(tmp_path / "manifest_accepted.csv")] == ["0", "1", "3"]
+    assert result["rejected_not_moved"] == 1 and result["content_retention"] == 0.75
+    # a set that mostly lost its contents is rejected whole, and says why
+    lost = _judged(p, [True, False, False, False], [(2, 1, 2), (4, 3, 4), (5, 5, 6), (8, 7, 8)])
+    result = gate_folder(tmp_path, rows, lost, True, 0.5, 0.25, min_retention=0.5)
+    assert result["content_lost"] and result["accepted"] == 0 and "content lost" in result["verdict"]
     # gate off: everything is used, the premise is still reported
     result = gate_folder(tmp_path, rows, ignores, False, 0.5, 0.25)
     assert result["accepted"] == 4 and result["premise"]["holds"] is False

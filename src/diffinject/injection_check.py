@@ -79,18 +79,17 @@ def predict_probs(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tens
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def gate_samples(p_style_class: Tensor, retained: Tensor, min_confidence: float) -> Tensor:
+def gate_samples(p_style_class: Tensor, min_confidence: float) -> Tensor:
     """Per-sample bool: the synthetic image is kept for training.
 
     Kept when the bias model gives the class it assigns the *style* image probability ≥ `min_confidence`
-    on the synthetic image (the bias attribute moved, and landed on something the bias model recognises
-    rather than a mixture between two attributes; ≥ 0.5 implies it is the argmax) and the content was
-    retained (`content_scores`). What fails either test would teach the debiased model a wrong pair:
-    the content's label on an image that is no longer the content, or on one whose attribute did not move.
+    on the synthetic image: the bias attribute moved and landed on something the bias model recognises
+    with confidence, rather than a mixture between two attributes (≥ 0.5 implies it is the argmax).
+    Content retention is judged per *set* (`gate_folder`): per image, the bottleneck-feature test is too
+    noisy to act on (on embedded CMNIST it rejected 38 % of the images the shape probe calls true new
+    combinations), but a set that mostly fails it has lost its contents.
     """
-    if p_style_class.shape != retained.shape:
-        raise ValueError(f"gate_samples: shapes {tuple(p_style_class.shape)} and {tuple(retained.shape)}")
-    return (p_style_class >= min_confidence) & retained.bool()
+    return p_style_class >= min_confidence
 
 
 def second_view_transfer(

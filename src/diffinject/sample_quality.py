@@ -245,7 +245,7 @@ def dataset_arrays(
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-class _ClippedEps(nn.Module):
+class ClippedEpsilon(nn.Module):
     """ε re-derived from x̂₀ clipped to [−1, 1] (diffusers' `clip_sample`); exposes the UNet's mid_block."""
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor) -> None:
@@ -285,7 +285,7 @@ def sample_unconditional(
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_samples, channels, size, size), generator=generator)
     grid = ddim_timesteps(len(alphas_cumprod), steps)
-    model: nn.Module = _ClippedEps(unet, alphas_cumprod) if clip else unet
+    model: nn.Module = ClippedEpsilon(unet, alphas_cumprod) if clip else unet
     was_training = unet.training
     unet.eval()
     out = []

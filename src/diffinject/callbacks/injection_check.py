@@ -17,7 +17,10 @@ The gate (`gate`, on in the pipeline's configs) then reads *every* finished samp
 stage trains on, written as `manifest_accepted.csv` (the manifest's rows that pass, same columns) and
 `gate.csv` (one line per sample: the figures it was judged on):
 - per sample (`injection_check.gate_samples`): the bias model gives the style's class probability ≥
-  `gate_min_confidence` on the synthetic image, and the content was retained;
+  `gate_min_confidence` on the synthetic image;
+- per set, **content**: when fewer than `gate_min_retention` of the images keep their content (closer to the
+  content's bottleneck features than to the style's), the generator replaced the contents rather than moving
+  an attribute, and nothing is accepted;
 - per set, the **premise check** (`injection_check.second_view_transfer`, with `second_view_checkpoint`, the
   seed's Vanilla ERM model): on the images the bias model calls moved, does an independently trained ERM
   model follow the edit to the style's class? When it does so for fewer than `premise_min_follow` of them,
@@ -156,10 +159,13 @@ def gate_folder(
     enabled: bool,
     min_confidence: float,
     premise_min_follow: float,
+    min_retention: float = 0.5,
 ) -> dict[str, Any]:
     """Apply the gate and the premise check; write `gate.csv` and `manifest_accepted.csv`; the summary."""
     n = len(rows)
-    per_sample = gate_samples(judged["p_style_class"], judged["retained"], min_confidence)
+    per_sample = gate_samples(judged["p_style_class"], min_confidence)
+    retention = round(float(judged["retained"].float().mean()), 6) if n else None
+    content_lost = retention is not None and retention < min_retention
     has_view = n > 0 and bool((judged["view_synthetic"] >= 0).all())
     transfer = (
         second_view_transfer(
@@ -171,7 +177,7 @@ def gate_folder(
     follows = transfer["follows_style"]
     premise_holds = None if follows is None else bool(follows >= premise_min_follow)
     accepted = per_sample if enabled else torch.ones(n, dtype=torch.bool)
-    if enabled and premise_holds is False:
+    if enabled and (premise_holds is False or content_lost):
         accepted = torch.zeros(n, dtype=torch.bool)
     with (folder / f".{GATE_FILENAME}.tmp").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -199,11 +205,18 @@ def gate_folder(
             "not seem to read a shortcut plain training takes, so no synthetic image is used and the "
             "debiased model is plain training on the real images"
         )
+    elif content_lost:
+        verdict = (
+            f"content lost: only {retention:.0%} of the synthetic images keep their content image's features "
+            f"(needs {min_retention:.0%}); the generator replaced the contents instead of moving the bias "
+            "attribute, so no synthetic image is used and the debiased model is plain training on the real "
+            "images"
+        )
     elif n and len(kept) < n / 2:
         verdict = (
-            f"the gate rejected most of the synthetic set ({n - len(kept)} of {n}): the generator rarely "
-            "moved "
-            "the bias attribute while keeping the content; only the accepted images are used"
+            f"the gate rejected most of the synthetic set ({n - len(kept)} of {n}: the bias model was not "
+            f"confident, p < {min_confidence:g}, that the attribute moved to the style's); only the "
+            f"{len(kept)} accepted images are used"
         )
     else:
         verdict = f"{len(kept)} of {n} synthetic images accepted"
@@ -213,7 +226,9 @@ def gate_folder(
         "accepted": len(kept),
         "accepted_rate": rate,
         "rejected_not_moved": int((judged["p_style_class"] < min_confidence).sum()),
-        "rejected_not_retained": int((~judged["retained"].bool()).sum()),
+        "content_retention": retention,
+        "min_retention": min_retention,
+        "content_lost": content_lost,
         "min_confidence": min_confidence,
         "premise": {
             "holds": premise_holds,
@@ -242,6 +257,7 @@ class InjectionCheck(Callback):
         feature_t: timestep at which the U-Net encoder reads the clean images for content retention.
         gate: judge every sample and accept only those that pass (else all are accepted); see module doc.
         gate_min_confidence: the bias model's probability of the style's class a synthetic image needs.
+        gate_min_retention: the share of a set that must keep its content, else nothing is accepted.
         second_view_checkpoint: the seed's Vanilla ERM checkpoint for the premise check (None: no check).
         premise_min_follow: the premise holds when the second view follows at least this fraction of the
             edits the bias model sees.
@@ -254,7 +270,8 @@ class InjectionCheck(Callback):
         max_samples: int = 512,
         feature_t: int = DEFAULT_FEATURE_T,
         gate: bool = False,
-        gate_min_confidence: float = 0.5,
+        gate_min_confidence: float = 0.9,
+        gate_min_retention: float = 0.5,
         second_view_checkpoint: str | None = None,
         premise_min_follow: float = PREMISE_MIN_FOLLOW,
     ) -> None:
@@ -263,12 +280,14 @@ class InjectionCheck(Callback):
             raise ValueError(f"InjectionCheck max_samples must be >= 1, got {max_samples}")
         for name, value in (
             ("gate_min_confidence", gate_min_confidence),
+            ("gate_min_retention", gate_min_retention),
             ("premise_min_follow", premise_min_follow),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"InjectionCheck {name} must be in [0, 1], got {value}")
         self.gate = gate
         self.gate_min_confidence = gate_min_confidence
+        self.gate_min_retention = gate_min_retention
         self.second_view_checkpoint = Path(second_view_checkpoint) if second_view_checkpoint else None
         self.premise_min_follow = premise_min_follow
         self.bias_checkpoint = Path(bias_checkpoint)
@@ -347,7 +366,13 @@ class InjectionCheck(Callback):
             self.feature_t,
         )
         gate = gate_folder(
-            self.output_dir, rows, judged, self.gate, self.gate_min_confidence, self.premise_min_follow
+            self.output_dir,
+            rows,
+            judged,
+            self.gate,
+            self.gate_min_confidence,
+            self.premise_min_follow,
+            self.gate_min_retention,
         )
         plan = getattr(datamodule, "plan", None)
         payload = {

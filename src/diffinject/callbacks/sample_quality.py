@@ -42,6 +42,9 @@ class SampleQualityMonitor(Callback):
 
     `num_samples` samples with `steps` DDIM steps (η = 0, noise seed `seed`); as many real training images
     are held out of the probe's training to give the floor (`max_real_images` caps the real set read).
+    `clip` (default) clips x̂₀ to [−1, 1] on every step, as DDIM samplers from noise do (diffusers'
+    `clip_sample`): an unclipped 3,200-step CPU model drifts into saturated colour fields and blank frames
+    that no data image looks like. The inject stage never clips (its inversion must stay exact).
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class SampleQualityMonitor(Callback):
         max_distance: float | None = None,
         probe_iterations: int = 150,
         max_real_images: int = 20000,
+        clip: bool = True,
     ) -> None:
         super().__init__()
+        self.clip = clip
         if every_n_steps < 1 or num_samples < 2 or steps < 1:
             raise ValueError(
                 f"SampleQualityMonitor needs every_n_steps >= 1, num_samples >= 2, steps >= 1; got "
@@ -137,6 +142,7 @@ class SampleQualityMonitor(Callback):
             self.num_samples,
             self.steps,
             self.seed,
+            clip=self.clip,
             image_size=int(pl_module.hparams.get("image_size", 0)) or None,
             batch_size=self.batch_size,
         )

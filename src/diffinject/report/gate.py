@@ -21,6 +21,10 @@ def _read(path: Path) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
 def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     """Per seed: accepted / judged synthetic images, the premise figures and the debias fallback; notes."""
     per_seed: dict[str, Any] = {}
@@ -46,18 +50,29 @@ def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
             "read a shortcut that plain training takes, so DiffInject's synthetic images were not used there "
             "and its row is plain ERM on the real images: on this data the method has nothing to add"
         )
+    lost = [s for s, g in per_seed.items() if g.get("content_lost")]
+    if lost:
+        notes.append(
+            f"CONTENT LOST for seed(s) {', '.join(lost)}: most synthetic images no longer resemble their "
+            "content image (the generator redrew them as the style's class), so none was used; DiffInject's "
+            "row is plain ERM there"
+        )
     mostly_rejected = [
         s
         for s, g in per_seed.items()
-        if s not in failed and g.get("enabled") and g.get("num_rows") and g["accepted"] < g["num_rows"] / 2
+        if s not in failed
+        and s not in lost
+        and g.get("enabled")
+        and g.get("num_rows")
+        and g["accepted"] < g["num_rows"] / 2
     ]
     if mostly_rejected:
+        kept = ", ".join(
+            f"{s} ({per_seed[s]['accepted']} of {per_seed[s]['num_rows']})" for s in mostly_rejected
+        )
         notes.append(
-            "the gate rejected most synthetic images for seed(s) "
-            + ", ".join(
-                f"{s} ({per_seed[s]['accepted']} of {per_seed[s]['num_rows']} kept)" for s in mostly_rejected
-            )
-            + ": the generator rarely moved the bias attribute while keeping the content"
+            f"the gate rejected most synthetic images for seed(s) {kept}: the bias model was not confident "
+            "that the attribute moved; only the accepted ones are used"
         )
     return {"per_seed": per_seed, "notes": notes}
 
@@ -67,7 +82,7 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     if not gate:
         return ["– (no gate figures in `inject/injection_check.json`)"]
     lines = [
-        "| seed | judged | accepted | not moved | not retained | Vanilla follows | premise | debias |",
+        "| seed | judged | accepted | not moved | content kept | Vanilla follows | premise | debias |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for seed, g in gate["per_seed"].items():
@@ -77,15 +92,16 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
         trained = "plain ERM" if g.get("debias_fallback") else "DiffInject"
         lines.append(
             f"| {seed} | {g['num_rows']} | {g['accepted']} | {g['rejected_not_moved']} | "
-            f"{g['rejected_not_retained']} | {'–' if follows is None else f'{100 * follows:.0f} %'} "
-            f"(n = {premise.get('n', 0)}) | {verdict} | {trained} |"
+            f"{_percent(g.get('content_retention'))} | {_percent(follows)} (n = {premise.get('n', 0)}) | "
+            f"{verdict} | {trained} |"
         )
     threshold = next(iter(gate["per_seed"].values())).get("min_confidence")
     lines += [
         "",
-        f"Accepted: the bias model gives the style's class p ≥ {threshold} on the synthetic image and the "
-        "content "
-        "is retained (label-free). Premise: on the images the bias model calls moved, the share on which an "
+        f"Accepted: the bias model gives the style's class p ≥ {threshold} on the synthetic image, and the "
+        "set keeps its contents (content kept: the share closer to its content's bottleneck features than "
+        "to the style's; label-free). Premise: on the images the bias model calls moved, the share on "
+        "which an "
         "independently trained Vanilla model follows the edit to the style's class.",
     ]
     lines += [f"- {note}" for note in gate["notes"]]

@@ -228,6 +228,15 @@ def analyse_seed(
 Sample = tuple[analysis.Manifest, np.ndarray, DataBundle | None]
 
 
+def trained_manifest(inject: Path) -> Path | None:
+    """The synthetic set the debias stage trains on: the gate's accepted rows when the gate wrote them and
+    kept any (`manifest_accepted.csv`), else everything the inject stage wrote (`manifest.csv`)."""
+    accepted, written = inject / "manifest_accepted.csv", inject / "manifest.csv"
+    if accepted.is_file() and len(accepted.read_text().strip().splitlines()) > 1:
+        return accepted
+    return written if written.is_file() else None
+
+
 def collect_synthetic(
     root: Path, seeds: Sequence[int], report_dir: Path
 ) -> tuple[dict[str, Any] | None, Sample | None]:
@@ -239,8 +248,8 @@ def collect_synthetic(
     probe_info = None
     first_sample = None
     for seed in seeds:
-        manifest_path = root / f"seed{seed}" / "inject" / "manifest.csv"
-        if not manifest_path.is_file():
+        manifest_path = trained_manifest(root / f"seed{seed}" / "inject")
+        if manifest_path is None:
             continue
         manifest = analysis.read_manifest(manifest_path)
         data = None

@@ -36,6 +36,7 @@ from diffinject.diffusion.preprocess import PREPROCESS_RULE, from_model_space, t
 from diffinject.diffusion.schedule import ddim_timesteps, linear_alphas_cumprod, p2_weights
 from diffinject.nets.pretrained import check_architecture, check_schedule, load_pretrained
 from diffinject.nets.unet import build_unet, get_preset, save_unet_export
+from diffinject.sample_quality import ClippedEpsilon
 
 
 def ema_decay_at(step: int, max_decay: float, warmup: bool = True) -> float:
@@ -116,6 +117,7 @@ class P2DiffusionModule(LightningModule):
         num_samples: int = 16,
         sample_steps: int = 50,
         sample_seed: int = 0,
+        sample_clip: bool = True,
         export_dir: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -319,7 +321,8 @@ class P2DiffusionModule(LightningModule):
     # ------------------------------------------------------------------------------- samples & export
     @torch.no_grad()
     def sample(self, num_samples: int, num_steps: int, seed: int, use_ema: bool = True) -> Tensor:
-        """DDIM (η = 0) samples from Gaussian noise, fixed seed, fp32, autocast off; [0, 1] at image_size."""
+        """DDIM (η = 0) samples from Gaussian noise, fixed seed, fp32, autocast off; [0, 1] at image_size;
+        x̂₀ clipped with `sample_clip`."""
         unet = self.ema_unet if use_ema else self.unet
         device = self.alphas_cumprod.device
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -328,8 +331,10 @@ class P2DiffusionModule(LightningModule):
         timesteps = ddim_timesteps(self.hparams.num_train_timesteps, num_steps)
         was_training = unet.training
         unet.eval()  # dropout off; the EMA copy is only ever run here
+        # x̂₀ clipped to [−1, 1] as samplers from noise do (`sample_quality.ClippedEpsilon`); never in inject
+        model = ClippedEpsilon(unet, self.alphas_cumprod) if self.hparams.get("sample_clip", True) else unet
         with torch.autocast(device_type=device.type, enabled=False):
-            x = ddim_generate(unet, x_T, self.alphas_cumprod, timesteps, generator=generator)
+            x = ddim_generate(model, x_T, self.alphas_cumprod, timesteps, generator=generator)
         unet.train(was_training)
         return from_model_space(x, self.hparams.image_size)
 
