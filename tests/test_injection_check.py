@@ -309,19 +309,19 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("min_follow", [0.0, 1.0])
+@pytest.mark.parametrize("min_z", [-100.0, 100.0])
 def test_callback_gate_writes_the_accepted_manifest_and_obeys_the_premise(
-    workdir: Path, min_follow: float
+    workdir: Path, min_z: float
 ) -> None:
     """The gate's per-sample verdicts in gate.csv agree with manifest_accepted.csv; a premise threshold no
     second view can reach (1.0, with an untrained 'Vanilla' model) rejects the whole set and says why."""
     bias = str(workdir / "runs/cmnist/1pct/bias/checkpoints/best.ckpt")
-    out = f"inject_gate{int(min_follow)}"
+    out = f"inject_gate{int(min_z > 0)}"
     gate = {
         "gate": True,
         "gate_min_confidence": 0.0,
         "second_view_checkpoint": bias,  # any classifier checkpoint serves as the second view here
-        "premise_min_follow": min_follow,
+        "premise_z": min_z,
     }
     main(["predict", "--config", str(_config(workdir, out, bias, gate=gate))])
     run = workdir / f"runs/cmnist/1pct/{out}"
@@ -336,12 +336,15 @@ def test_callback_gate_writes_the_accepted_manifest_and_obeys_the_premise(
     premise = check["gate"]["premise"]
     if premise["n"] == 0:  # nothing informative: no verdict, the per-sample gate alone decides
         assert premise["holds"] is None
-    else:  # the second view is the bias model itself: it follows every move it sees, so the premise holds
-        assert premise["second_view_follows_style"] == 1.0 and premise["holds"] is True
-    if min_follow == 0.0 and not check["gate"]["content_lost"]:  # confidence 0: every image passes
+    else:  # the second view is the bias model itself: it follows every move it sees
+        assert premise["second_view_follows_style"] == 1.0 and premise["second_view_follows_content"] == 0.0
+        assert premise["holds"] is (min_z < 0)  # z is large but finite: 100 standard errors are out of reach
+        if min_z > 0:
+            assert kept == [] and "premise failed" in check["gate"]["verdict"]
+    if min_z < 0 and not check["gate"]["content_lost"]:  # confidence 0, no premise bar: every image passes
         assert len(kept) == 18
-    if check["gate"]["content_lost"]:
-        assert kept == [] and "content lost" in check["gate"]["verdict"]
+    if check["gate"]["content_lost"]:  # the verdict names the first reason: the premise, then the content
+        assert kept == [] and ("content lost" in check["gate"]["verdict"] or premise["holds"] is False)
 
 
 def _judged(p: list[float], retained: list[bool], view: list[tuple[int, int, int]]) -> dict:
@@ -362,23 +365,23 @@ def test_gate_folder_rejects_the_set_when_the_second_view_ignores_the_edit(tmp_p
     p, retained = [0.9, 0.8, 0.2, 0.9], [True, True, True, False]
     # the ERM model keeps reading the content on every moved image: the premise fails
     ignores = _judged(p, retained, [(1, 1, 2), (3, 3, 4), (5, 5, 6), (7, 7, 8)])
-    result = gate_folder(tmp_path, rows, ignores, True, 0.5, 0.25)
+    result = gate_folder(tmp_path, rows, ignores, True, 0.5, 2.0)
     assert result["premise"]["holds"] is False and result["premise"]["second_view_follows_style"] == 0.0
     assert result["accepted"] == 0 and "premise failed" in result["verdict"]
     assert _read_csv(tmp_path / "manifest_accepted.csv") == []
     assert [r["accepted"] for r in _read_csv(tmp_path / "gate.csv")] == ["0"] * 4
     # it follows the edit: the per-sample gate decides (a confident move); 3 of 4 keep their content
     follows = _judged(p, retained, [(2, 1, 2), (4, 3, 4), (5, 5, 6), (8, 7, 8)])
-    result = gate_folder(tmp_path, rows, follows, True, 0.5, 0.25)
+    result = gate_folder(tmp_path, rows, follows, True, 0.5, 2.0)
     assert result["premise"]["holds"] is True and result["accepted"] == 3
     assert [r["index"] for r in _read_csv(tmp_path / "manifest_accepted.csv")] == ["0", "1", "3"]
     assert result["rejected_not_moved"] == 1 and result["content_retention"] == 0.75
     # a set that mostly lost its contents is rejected whole, and says why
     lost = _judged(p, [True, False, False, False], [(2, 1, 2), (4, 3, 4), (5, 5, 6), (8, 7, 8)])
-    result = gate_folder(tmp_path, rows, lost, True, 0.5, 0.25, min_retention=0.5)
+    result = gate_folder(tmp_path, rows, lost, True, 0.5, 2.0, min_retention=0.5)
     assert result["content_lost"] and result["accepted"] == 0 and "content lost" in result["verdict"]
     # gate off: everything is used, the premise is still reported
-    result = gate_folder(tmp_path, rows, ignores, False, 0.5, 0.25)
+    result = gate_folder(tmp_path, rows, ignores, False, 0.5, 2.0)
     assert result["accepted"] == 4 and result["premise"]["holds"] is False
 
 
@@ -392,5 +395,5 @@ def test_gate_off_accepts_everything_but_still_judges(workdir: Path) -> None:
 
 
 def test_gate_thresholds_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="premise_min_follow"):
-        InjectionCheck(bias_checkpoint="b.ckpt", output_dir=str(tmp_path), premise_min_follow=1.5)
+    with pytest.raises(ValueError, match="gate_min_confidence"):
+        InjectionCheck(bias_checkpoint="b.ckpt", output_dir=str(tmp_path), gate_min_confidence=1.5)

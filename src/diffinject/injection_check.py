@@ -95,25 +95,33 @@ def gate_samples(p_style_class: Tensor, min_confidence: float) -> Tensor:
 def second_view_transfer(
     view_synthetic: Tensor, view_content: Tensor, view_style: Tensor, moved: Tensor
 ) -> dict[str, Any]:
-    """Does a second, independently trained classifier see the edit the bias model sees?
+    """Does a second, independently trained classifier follow the edit the bias model sees?
 
     Arguments are the second view's predicted classes on the synthetic, content and style images, and the
     bias model's per-sample `moved`. Over the samples the bias model calls moved and the second view tells
     content and style apart: `follows_style` = the second view assigns the synthetic image its class of the
-    style, `follows_content` = its class of the content. The method's premise is that the bias attribute is
-    a shortcut a plain ERM model takes too; then an edit of that attribute moves the ERM model's prediction
-    with it (follows_style high). When the bias model has learned something else (the class itself, or an
-    attribute the ERM model ignores), or the guidance only fooled it adversarially, the ERM model keeps
-    reading the content (follows_style near chance).
+    style, `follows_content` = its class of the content, and `z` = their difference over its standard error
+    (paired proportions on the same images: Var = (s + c − (s − c)²) / n, at least 1/n²).
+
+    The method's premise is that the bias model has found a shortcut that a plain ERM model takes too; an
+    edit of that shortcut then moves the ERM model to the style's class far more often than it leaves it on
+    the content's (embedded CMNIST at 1 %: 53–75 % against 10–23 %, z ≥ 4). When the bias model has learned
+    the class itself (or an attribute ERM ignores), its edit half-redraws the class, and the ERM model is
+    split between the two (the texture tree: 43 % against 42 %, z ≈ 0).
     """
     informative = moved.bool() & (view_content != view_style)
     n = int(informative.sum())
     if n == 0:
-        return {"n": 0, "follows_style": None, "follows_content": None}
+        return {"n": 0, "follows_style": None, "follows_content": None, "z": None}
+    style = float((view_synthetic == view_style)[informative].float().mean())
+    content = float((view_synthetic == view_content)[informative].float().mean())
+    # floored at one image's worth (1/n²): a perfectly one-sided split is strong evidence, not infinite
+    variance = max(style + content - (style - content) ** 2, 1.0 / n) / n
     return {
         "n": n,
-        "follows_style": round(float((view_synthetic == view_style)[informative].float().mean()), 6),
-        "follows_content": round(float((view_synthetic == view_content)[informative].float().mean()), 6),
+        "follows_style": round(style, 6),
+        "follows_content": round(content, 6),
+        "z": round((style - content) / variance**0.5, 4),
     }
 
 

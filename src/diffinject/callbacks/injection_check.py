@@ -23,7 +23,8 @@ stage trains on, written as `manifest_accepted.csv` (the manifest's rows that pa
   an attribute, and nothing is accepted;
 - per set, the **premise check** (`injection_check.second_view_transfer`, with `second_view_checkpoint`, the
   seed's Vanilla ERM model): on the images the bias model calls moved, does an independently trained ERM
-  model follow the edit to the style's class? When it does so for fewer than `premise_min_follow` of them,
+  model follow the edit to the style's class clearly more often than it keeps the content's? When the
+  difference is below `premise_z` standard errors,
   the bias model's attribute is not a shortcut plain training takes (or the edit only fooled the bias
   model), the method's premise does not hold, and nothing is accepted: the debias stage then trains plainly
   on the real images (`if_no_synthetic: erm`) and the summary and the report say why.
@@ -62,8 +63,9 @@ GATE_FILENAME = "gate.csv"
 GATE_COLUMNS = ("index", "p_style_class", "retained", "second_view_class", "accepted")
 #: images per chunk of the gate (bounds memory on large images)
 GATE_CHUNK = 512
-#: default premise threshold: see `docs/results` (premise check) for the values it separates
-PREMISE_MIN_FOLLOW = 0.25
+#: default premise threshold, in standard errors (`injection_check.second_view_transfer`; measured values in
+#: docs/results/bias-trees.md)
+PREMISE_Z = 2.0
 KNOWN_DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
 
 
@@ -158,7 +160,7 @@ def gate_folder(
     judged: dict[str, torch.Tensor],
     enabled: bool,
     min_confidence: float,
-    premise_min_follow: float,
+    premise_z: float,
     min_retention: float = 0.5,
 ) -> dict[str, Any]:
     """Apply the gate and the premise check; write `gate.csv` and `manifest_accepted.csv`; the summary."""
@@ -172,10 +174,10 @@ def gate_folder(
             judged["view_synthetic"], judged["view_content"], judged["view_style"], judged["moved"]
         )
         if has_view
-        else {"n": 0, "follows_style": None, "follows_content": None}
+        else {"n": 0, "follows_style": None, "follows_content": None, "z": None}
     )
-    follows = transfer["follows_style"]
-    premise_holds = None if follows is None else bool(follows >= premise_min_follow)
+    follows, z = transfer["follows_style"], transfer["z"]
+    premise_holds = None if z is None else bool(z >= premise_z)
     accepted = per_sample if enabled else torch.ones(n, dtype=torch.bool)
     if enabled and (premise_holds is False or content_lost):
         accepted = torch.zeros(n, dtype=torch.bool)
@@ -200,10 +202,11 @@ def gate_folder(
         verdict = "gate off: every synthetic image is used"
     elif premise_holds is False:
         verdict = (
-            f"premise failed: an independently trained ERM model follows the edit on only {follows:.0%} of "
-            f"the images the bias model calls moved (needs {premise_min_follow:.0%}); the bias model does "
-            "not seem to read a shortcut plain training takes, so no synthetic image is used and the "
-            "debiased model is plain training on the real images"
+            f"premise failed: on the images the bias model calls moved, an independently trained ERM model "
+            f"moves to the style's class ({follows:.0%}) no more clearly than it keeps the content's "
+            f"({transfer['follows_content']:.0%}; z = {z:.1f}, needs {premise_z:g}); the bias model does not "
+            "seem to read a shortcut plain training takes, so no synthetic image is used and the debiased "
+            "model is plain training on the real images"
         )
     elif content_lost:
         verdict = (
@@ -235,7 +238,8 @@ def gate_folder(
             "second_view_follows_style": follows,
             "second_view_follows_content": transfer["follows_content"],
             "n": transfer["n"],
-            "min_follow": premise_min_follow,
+            "z": z,
+            "min_z": premise_z,
         },
         "verdict": verdict,
     }
@@ -259,8 +263,8 @@ class InjectionCheck(Callback):
         gate_min_confidence: the bias model's probability of the style's class a synthetic image needs.
         gate_min_retention: the share of a set that must keep its content, else nothing is accepted.
         second_view_checkpoint: the seed's Vanilla ERM checkpoint for the premise check (None: no check).
-        premise_min_follow: the premise holds when the second view follows at least this fraction of the
-            edits the bias model sees.
+        premise_z: the premise holds when, on the edits the bias model sees, the second view moves to the
+            style's class more often than it keeps the content's by at least this many standard errors.
     """
 
     def __init__(
@@ -273,7 +277,7 @@ class InjectionCheck(Callback):
         gate_min_confidence: float = 0.9,
         gate_min_retention: float = 0.5,
         second_view_checkpoint: str | None = None,
-        premise_min_follow: float = PREMISE_MIN_FOLLOW,
+        premise_z: float = PREMISE_Z,
     ) -> None:
         super().__init__()
         if max_samples < 1:
@@ -281,7 +285,6 @@ class InjectionCheck(Callback):
         for name, value in (
             ("gate_min_confidence", gate_min_confidence),
             ("gate_min_retention", gate_min_retention),
-            ("premise_min_follow", premise_min_follow),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"InjectionCheck {name} must be in [0, 1], got {value}")
@@ -289,7 +292,7 @@ class InjectionCheck(Callback):
         self.gate_min_confidence = gate_min_confidence
         self.gate_min_retention = gate_min_retention
         self.second_view_checkpoint = Path(second_view_checkpoint) if second_view_checkpoint else None
-        self.premise_min_follow = premise_min_follow
+        self.premise_z = premise_z
         self.bias_checkpoint = Path(bias_checkpoint)
         self.output_dir = Path(output_dir)
         self.max_samples = max_samples
@@ -371,7 +374,7 @@ class InjectionCheck(Callback):
             judged,
             self.gate,
             self.gate_min_confidence,
-            self.premise_min_follow,
+            self.premise_z,
             self.gate_min_retention,
         )
         plan = getattr(datamodule, "plan", None)

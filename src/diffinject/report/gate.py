@@ -25,6 +25,12 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f} %"
 
 
+def _premise_figures(premise: dict[str, Any]) -> str:
+    """ "style % / content % (z = …, n = …)" of the premise check."""
+    style, content = premise.get("second_view_follows_style"), premise.get("second_view_follows_content")
+    return f"{_percent(style)} / {_percent(content)} (z = {premise.get('z')}, n = {premise.get('n', 0)})"
+
+
 def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     """Per seed: accepted / judged synthetic images, the premise figures and the debias fallback; notes."""
     per_seed: dict[str, Any] = {}
@@ -40,15 +46,13 @@ def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     notes = []
     failed = [s for s, g in per_seed.items() if (g.get("premise") or {}).get("holds") is False]
     if failed:
-        follows = ", ".join(
-            f"seed {s}: {100 * per_seed[s]['premise']['second_view_follows_style']:.0f} %" for s in failed
-        )
+        figures = ", ".join(f"seed {s}: {_premise_figures(per_seed[s]['premise'])}" for s in failed)
         notes.append(
-            f"PREMISE CHECK FAILED for {len(failed)} of {len(per_seed)} seed(s) ({follows} of the bias "
-            "model's edits moved the Vanilla model too; the check needs "
-            f"{100 * per_seed[failed[0]]['premise']['min_follow']:.0f} %). The bias model does not seem to "
-            "read a shortcut that plain training takes, so DiffInject's synthetic images were not used there "
-            "and its row is plain ERM on the real images: on this data the method has nothing to add"
+            f"PREMISE CHECK FAILED for {len(failed)} of {len(per_seed)} seed(s): on the images the bias "
+            "model calls moved, the Vanilla model moved to the style's class no more clearly than it kept "
+            f"the content's (style / content, {figures}). The bias model does not seem to read a shortcut "
+            "that plain training takes, so DiffInject's synthetic images were not used there and its row is "
+            "plain ERM on the real images: on this data the method has nothing to add"
         )
     lost = [s for s, g in per_seed.items() if g.get("content_lost")]
     if lost:
@@ -82,17 +86,16 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     if not gate:
         return ["– (no gate figures in `inject/injection_check.json`)"]
     lines = [
-        "| seed | judged | accepted | not moved | content kept | Vanilla follows | premise | debias |",
+        "| seed | judged | accepted | unmoved | content kept | Vanilla: style / content | premise | used |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for seed, g in gate["per_seed"].items():
         premise = g.get("premise") or {}
-        follows = premise.get("second_view_follows_style")
         verdict = {True: "holds", False: "**fails**", None: "no verdict"}[premise.get("holds")]
         trained = "plain ERM" if g.get("debias_fallback") else "DiffInject"
         lines.append(
             f"| {seed} | {g['num_rows']} | {g['accepted']} | {g['rejected_not_moved']} | "
-            f"{_percent(g.get('content_retention'))} | {_percent(follows)} (n = {premise.get('n', 0)}) | "
+            f"{_percent(g.get('content_retention'))} | {_premise_figures(premise)} | "
             f"{verdict} | {trained} |"
         )
     threshold = next(iter(gate["per_seed"].values())).get("min_confidence")
@@ -101,8 +104,8 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
         f"Accepted: the bias model gives the style's class p ≥ {threshold} on the synthetic image, and the "
         "set keeps its contents (content kept: the share closer to its content's bottleneck features than "
         "to the style's; label-free). Premise: on the images the bias model calls moved, the share on "
-        "which an "
-        "independently trained Vanilla model follows the edit to the style's class.",
+        "which an independently trained Vanilla model moves to the style's class against the share on "
+        "which it keeps the content's; the premise holds when the difference is ≥ 2 standard errors (z).",
     ]
     lines += [f"- {note}" for note in gate["notes"]]
     return lines
