@@ -22,7 +22,7 @@ stage trains on, written as `manifest_accepted.csv` (the manifest's rows that pa
   content's bottleneck features than to the style's), the generator replaced the contents rather than moving
   an attribute, and nothing is accepted;
 - per set, the **premise check** (`injection_check.second_view_transfer`, with `second_view_checkpoint`, the
-  seed's Vanilla ERM model): on the images the bias model calls moved, does an independently trained ERM
+  seed's Vanilla ERM model): on the images the per-image test accepts, does an independently trained ERM
   model follow the edit to the style's class clearly more often than it keeps the content's? When the
   difference is below `premise_z` standard errors,
   the bias model's attribute is not a shortcut plain training takes (or the edit only fooled the bias
@@ -171,7 +171,7 @@ def gate_folder(
     has_view = n > 0 and bool((judged["view_synthetic"] >= 0).all())
     transfer = (
         second_view_transfer(
-            judged["view_synthetic"], judged["view_content"], judged["view_style"], judged["moved"]
+            judged["view_synthetic"], judged["view_content"], judged["view_style"], per_sample
         )
         if has_view
         else {"n": 0, "follows_style": None, "follows_content": None, "z": None}
