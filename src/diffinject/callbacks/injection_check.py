@@ -65,7 +65,7 @@ GATE_COLUMNS = ("index", "p_style_class", "retained", "second_view_class", "acce
 GATE_CHUNK = 512
 #: default premise threshold, in standard errors (`injection_check.second_view_transfer`; measured values in
 #: docs/results/bias-trees.md)
-PREMISE_Z = 2.0
+PREMISE_Z = 3.5
 KNOWN_DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
 
 

@@ -105,7 +105,8 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
         "set keeps its contents (content kept: the share closer to its content's bottleneck features than "
         "to the style's; label-free). Premise: on the images the bias model calls moved, the share on "
         "which an independently trained Vanilla model moves to the style's class against the share on "
-        "which it keeps the content's; the premise holds when the difference is ≥ 2 standard errors (z).",
+        "which it keeps the content's; the premise holds when the difference is at least "
+        f"{next(iter(gate['per_seed'].values())).get('premise', {}).get('min_z')} standard errors (z).",
     ]
     lines += [f"- {note}" for note in gate["notes"]]
     return lines
