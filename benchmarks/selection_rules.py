@@ -91,7 +91,7 @@ def pseudo_scores(right: torch.Tensor, labels: torch.Tensor, bias_logits: torch.
     return {
         "pseudo (hard)": float(hard.compute()),
         "pseudo (soft)": float(groups["balanced"]),
-        "size": float(groups["conflicting_size"]),
+        "size": min(float(groups["conflicting_size"]), float(groups["wrong_count"])),  # as the stages
         "se": pseudo_balanced_se(groups),
     }
 

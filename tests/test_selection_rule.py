@@ -38,6 +38,7 @@ def test_soft_groups_weight_each_image_by_the_bias_models_doubt() -> None:
     conflicting = float((w * right).sum() / w.sum())
     aligned = float(((1 - w) * right).sum() / (1 - w).sum())
     assert float(groups["conflicting_size"]) == pytest.approx(1.4, abs=1e-6)
+    assert float(groups["wrong_count"]) == 1  # only the third image's argmax is wrong
     assert float(groups["conflicting"]) == pytest.approx(conflicting, abs=1e-6)
     assert float(groups["balanced"]) == pytest.approx((conflicting + aligned) / 2, abs=1e-6)
 
@@ -153,3 +154,15 @@ def test_stage_applies_the_margin_and_records_it(tmp_path: Path, margin: float) 
 def test_margin_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="selection_margin_se"):
         VanillaClassifier(**ARGS, selection_margin_se=-1.0)
+
+
+def test_an_unsure_bias_model_does_not_inflate_the_group_the_fallback_counts(tmp_path: Path) -> None:
+    """Soft weights from an unsure bias model add up to many 'conflicting' images although its argmax is right
+    on all of them: the stage counts the smaller of the two and falls back to the last epoch."""
+    metric = PseudoGroupAccuracy()
+    target = torch.zeros(40, dtype=torch.long)
+    unsure = torch.tensor([[0.5, 0.25, 0.25]]).repeat(40, 1).log()  # p(label) = 0.5, argmax right
+    metric.update(target, target, unsure)
+    groups = metric.compute_groups()
+    assert float(groups["conflicting_size"]) == pytest.approx(20.0) and float(groups["wrong_count"]) == 0
+    assert selection_fallback(min(float(groups["conflicting_size"]), float(groups["wrong_count"])), 16)

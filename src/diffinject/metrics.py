@@ -112,8 +112,12 @@ class PseudoGroupAccuracy(Metric):
 
     Why soft: a hard right/wrong split flips images in and out on tiny probability changes and ignores how
     sure the bias model is; the soft weights give the same groups when the bias model is confident (GCE makes
-    it so) and a smooth, stable score otherwise. `conflicting_size` = Σw is the group's effective size, which
-    `selection_fallback` uses. Given class ids instead of logits for the bias model, w is 0/1 (the hard rule).
+    it so) and a smooth, stable score otherwise. `conflicting_size` = Σw is the group's effective size;
+    `selection_fallback` uses the smaller of it and `wrong_count`, the number of images the bias model's
+    argmax gets wrong: an unsure bias model spreads weight over many aligned images, which inflates Σw
+    without adding one image that is really bias-conflicting (the background-colour tree: Σw = 62–76, and a
+    fully biased epoch 1 outscored every later one). Given class ids instead of logits for the bias model,
+    w is 0/1 (the hard rule).
     """
 
     full_state_update = False
@@ -125,6 +129,7 @@ class PseudoGroupAccuracy(Metric):
         # index 0: pseudo-aligned (bias model right), 1: pseudo-conflicting (bias model wrong)
         self.add_state("weight", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("correct", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("wrong_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, bias_preds: torch.Tensor) -> None:
         """`preds`: logits (N × C) or ids (N); `bias_preds`: the bias model's logits (soft) or ids (hard)."""
@@ -138,8 +143,10 @@ class PseudoGroupAccuracy(Metric):
         if bias_preds.ndim == 2:
             p_label = bias_preds.double().softmax(dim=1).gather(1, target.long()[:, None]).squeeze(1)
             conflicting = 1.0 - p_label
+            self.wrong_count += (bias_preds.argmax(dim=1) != target).double().sum()
         else:
             conflicting = (bias_preds != target).double()
+            self.wrong_count += conflicting.sum()
         right = (preds == target).double()
         groups = torch.stack([1.0 - conflicting, conflicting])  # 2 × N
         self.weight += groups.sum(1)
@@ -156,6 +163,7 @@ class PseudoGroupAccuracy(Metric):
             "conflicting": acc[1],
             "aligned_size": self.weight[0],
             "conflicting_size": self.weight[1],
+            "wrong_count": self.wrong_count,
         }
 
     def compute(self) -> torch.Tensor:

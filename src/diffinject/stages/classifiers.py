@@ -251,7 +251,8 @@ class ClassifierModule(LightningModule):
                 self.log(name, value.float(), sync_dist=True)
             summary.update(to_floats(values))
             if not self.trainer.sanity_checking:
-                self._apply_selection_fallback(float(groups["conflicting_size"]))
+                size = min(float(groups["conflicting_size"]), float(groups["wrong_count"]))
+                self._apply_selection_fallback(size)
         if not self.trainer.sanity_checking:
             self.val_summary = {**summary, "epoch": self.current_epoch, "step": self.global_step}
 
