@@ -74,3 +74,36 @@ def test_if_no_synthetic_is_checked() -> None:
         LfFClassifier(**ARGS, if_no_synthetic="maybe")
     with pytest.raises(ValueError, match="if_no_synthetic"):
         DebiasClassifier(**ARGS, if_no_synthetic="maybe")
+
+
+def test_report_names_a_failed_premise_and_the_fallback(tmp_path: Path) -> None:
+    from diffinject.report.gate import collect_gate, gate_lines
+
+    def seed(s: int, holds: bool, accepted: int, fallback: str | None) -> None:
+        premise = {
+            "holds": holds,
+            "second_view_follows_style": 0.4 if not holds else 0.7,
+            "second_view_follows_content": 0.4 if not holds else 0.2,
+            "z": 0.1 if not holds else 8.0,
+            "n": 150,
+            "min_z": 3.5,
+        }
+        gate = {"enabled": True, "num_rows": 360, "accepted": accepted, "rejected_not_moved": 100}
+        gate.update(content_retention=0.9, content_lost=False, min_confidence=0.9, premise=premise)
+        (tmp_path / f"seed{s}/inject").mkdir(parents=True)
+        (tmp_path / f"seed{s}/inject/injection_check.json").write_text(json.dumps({"gate": gate}))
+        (tmp_path / f"seed{s}/debias").mkdir(parents=True)
+        (tmp_path / f"seed{s}/debias/metrics.json").write_text(json.dumps({"fallback": fallback}))
+
+    seed(0, False, 0, "no usable image")
+    seed(1, True, 170, None)
+    gate = collect_gate(tmp_path, [0, 1])
+    assert gate is not None and len(gate["notes"]) == 2  # the premise, and seed 1 kept under half
+    assert (
+        gate["notes"][0].startswith("PREMISE CHECK FAILED for 1 of 2 seed(s)")
+        and "seed 0: 40 % / 40 %" in gate["notes"][0]
+    )
+    table = "\n".join(gate_lines(gate))
+    assert (
+        "| 0 | 360 | 0 |" in table and "**fails** | plain ERM |" in table and "holds | DiffInject |" in table
+    )

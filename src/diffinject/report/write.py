@@ -116,6 +116,15 @@ def write_report(
     results["synthetic"] = synthetic
     results["gate"] = collect_gate(root, seeds)
     results["notes"] += (results["gate"] or {}).get("notes", [])
+    fell_back = [
+        s for s, g in ((results["gate"] or {}).get("per_seed") or {}).items() if g.get("debias_fallback")
+    ]
+    if fell_back and "debias" in results["methods"]:  # the row must not read as the method's result
+        total = results["methods"]["debias"].get("n") or len(seeds)
+        suffix = f" (plain ERM on {len(fell_back)} of {total} seeds: premise check)"
+        for key in ("debias", "debias/last_epoch"):
+            if key in results["methods"]:
+                results["methods"][key]["name"] += suffix
     accuracy = accuracy_figure(report_dir / "accuracy.png", results)
     figures["accuracy"] = str(accuracy) if accuracy else None
     if accuracy is None:
