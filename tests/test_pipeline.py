@@ -56,7 +56,9 @@ def test_plan_orders_stages_and_links_upstream(tmp_path: Path) -> None:
     assert keys.index("seed0/bias") < keys.index("diffusion") < keys.index("seed0/inject")
     assert keys.index("seed1/inject") < keys.index("seed1/debias")
     inject = steps[keys.index("seed1/inject")]
-    assert inject.upstream == ["seed1/bias", "diffusion"] and inject.config["data"]["init_args"]["seed"] == 1
+    # the gate's premise check reads the seed's Vanilla model
+    assert inject.upstream == ["seed1/bias", "diffusion", "seed1/vanilla"]
+    assert inject.config["data"]["init_args"]["seed"] == 1
     with pytest.raises(ValueError, match="DATASET='mnist'"):
         plan(Options(dataset="mnist"))
 

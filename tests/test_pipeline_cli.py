@@ -38,7 +38,8 @@ def test_a_stage_needing_an_output_that_is_not_there_stops_before_starting(
         pipeline.main(["--runs", str(tmp_path), "--seeds", "0", "--stages", "debias"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "seed0/debias reads manifest.csv from" in err and "seed0/debias reads checkpoints/best.ckpt" in err
+    assert "seed0/debias reads manifest.csv, manifest_accepted.csv from" in err
+    assert "seed0/debias reads checkpoints/best.ckpt" in err
 
 
 def test_a_failing_stage_ends_in_a_summary(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -125,3 +126,13 @@ def test_study_main_links_merges_rows_and_writes_the_table(tmp_path: Path, monke
     assert rows[1]["methods"]["debias"]["test/acc"]["mean"] == pytest.approx(0.7)
     table = (tmp_path / "study" / "cmnist-1pct.md").read_text()
     assert "| low | inject.gamma=0.2 | 70.0 ± 0.0 |" in table and "| high | inject.gamma=0.3 | 80.0" in table
+
+
+def test_inject_without_its_vanilla_model_stops_before_starting(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The gate's premise check reads the seed's Vanilla checkpoint: a plan without it is refused up front."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main(["--runs", str(tmp_path), "--seeds", "0", "--stages", "inject"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed0/inject reads checkpoints/best.ckpt, metrics.json from" in err and "seed0/vanilla" in err

@@ -153,7 +153,7 @@ def test_a_given_diffusion_export_replaces_the_diffusion_stage(tmp_path: Path) -
     (export / "diffusion_info.json").write_text('{"image_size": 24}')
     steps = {step.key: step for step in plan(Options(**common, diffusion=str(export)))}
     assert "diffusion" not in steps
-    assert steps["seed0/inject"].upstream == ["seed0/bias"]
+    assert steps["seed0/inject"].upstream == ["seed0/bias", "seed0/vanilla"]  # no diffusion step; the premise
     inject = steps["seed0/inject"].config
     assert inject["model"]["init_args"]["unet"] == str(export.resolve())
     assert inject["data"]["init_args"]["data"]["init_args"]["image_size"] == 24  # the model's, not the data's
@@ -179,7 +179,8 @@ def test_folder_smoke_pipeline_end_to_end_then_with_its_export(
     assert json.loads((unet / "config.json").read_text())["in_channels"] == 1
 
     again = tmp_path / "again"
-    pipeline.main([*argv, "--runs", str(again), "--diffusion", str(unet), "--stages", "bias", "inject"])
+    stages = ["--stages", "bias", "vanilla", "inject"]  # inject's premise check reads the Vanilla model
+    pipeline.main([*argv, "--runs", str(again), "--diffusion", str(unet), *stages])
     out = capsys.readouterr().out
     second = again / "folder" / "bars" / "5pct"
     assert (second / "seed0" / "inject" / "manifest.csv").is_file()

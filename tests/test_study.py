@@ -76,7 +76,7 @@ def test_control_variants_rerun_only_debias_and_the_table_says_so(
     opts = Options(runs=str(tmp_path), variants=[str(file)], configs=str(REPO / "configs"))
     config = stage_config(opts, "debias", seed=0)
     assert config["data"]["init_args"]["synthetic_control"] == control
-    assert config["data"]["init_args"]["synthetic_manifest"].endswith("seed0/inject/manifest.csv")
+    assert config["data"]["init_args"]["synthetic_manifest"].endswith("seed0/inject/manifest_accepted.csv")
     assert config["model"]["class_path"] == "LfFClassifier"  # the default debiasing, only the data differs
     knobs = knobs_of("debias", config)
     assert knobs["synthetic_control"] == control

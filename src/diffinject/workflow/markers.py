@@ -28,6 +28,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "bias": ("checkpoints/best.ckpt", "topk.csv"),
     "diffusion": ("unet/*.safetensors", "unet/*.bin", "unet/config.json", "unet/diffusion_info.json"),
     "inject": ("manifest.csv", "manifest_accepted.csv", "images/*.png"),
+    # the inject gate's premise check reads the Vanilla model (a missing one stops the run before it starts)
+    "vanilla": ("checkpoints/best.ckpt", "metrics.json"),
 }
 DEFAULT_OUTPUTS = ("metrics.json",)
 TMP_PREFIX = ".pipeline-tmp-"
