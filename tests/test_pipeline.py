@@ -89,7 +89,8 @@ def test_smoke_pipeline_end_to_end_and_resume(
     for stage in ("vanilla", "lff", "debias"):
         assert results["methods"][stage]["n"] == 1
     table = capsys.readouterr().out
-    assert "| Vanilla |" in table and "| LfF |" in table and "| DiffInject |" in table
+    # "| DiffInject (plain ERM on 1 of 1 seeds: …)" when the smoke models fail the gate's premise check
+    assert "| Vanilla |" in table and "| LfF |" in table and "| DiffInject" in table
 
     before = {p: p.stat().st_mtime for p in root.glob("seed0/*/metrics.json")}
     unet_time = (root / "diffusion/unet/config.json").stat().st_mtime

@@ -121,7 +121,7 @@ def write_report(
     ]
     if fell_back and "debias" in results["methods"]:  # the row must not read as the method's result
         total = results["methods"]["debias"].get("n") or len(seeds)
-        suffix = f" (plain ERM on {len(fell_back)} of {total} seeds: premise check)"
+        suffix = f" (plain ERM on {len(fell_back)} of {total} seeds: the gate accepted no image)"
         for key in ("debias", "debias/last_epoch"):
             if key in results["methods"]:
                 results["methods"][key]["name"] += suffix
