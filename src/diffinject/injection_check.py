@@ -50,21 +50,6 @@ def _check_images(images: Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def predict_classes(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """argmax class of a classifier taking [0, 1] images (normalisation inside), on the CPU as int64."""
-    _check_images(images, "predict_classes")
-    was_training = net.training
-    net.eval()
-    device = _device(net)
-    out = [
-        net(images[i : i + batch_size].to(device).float()).argmax(1).cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    net.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-@torch.no_grad()
 def predict_probs(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Softmax of a classifier taking [0, 1] images, N × classes, fp32 on the CPU."""
     _check_images(images, "predict_probs")
@@ -77,6 +62,14 @@ def predict_probs(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tens
     ]
     net.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predict_classes(net: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """argmax class of a classifier taking [0, 1] images (normalisation inside), on the CPU as int64."""
+    if len(images) == 0:
+        _check_images(images, "predict_classes")
+        return torch.zeros(0, dtype=torch.long)
+    return predict_probs(net, images, batch_size).argmax(1)
 
 
 def gate_samples(p_style_class: Tensor, min_confidence: float) -> Tensor:
