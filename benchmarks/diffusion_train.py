@@ -37,6 +37,18 @@ from diffinject.stages.diffusion import P2DiffusionModule
 
 T = 1000
 
+#: optimised-path variants: (channels_last, bf16 autocast, torch.compile mode or None)
+VARIANTS: dict[str, tuple[bool, bool, str | None]] = {
+    "eager_fp32": (False, False, None),  # the plain loop (not the module)
+    "module_fp32": (False, False, None),
+    "module_bf16": (False, True, None),
+    "optimized": (True, True, None),
+    "optimized_compiled": (True, True, "default"),
+    "bf16_compiled": (False, True, "default"),
+    "bf16_compiled_cudagraphs": (False, True, "reduce-overhead"),
+    "bf16_compiled_max_autotune": (False, True, "max-autotune"),
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the MFU")
     parser.add_argument("--compile", action="store_true", help="also time the optimised path with compile")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=sorted(VARIANTS),
+        help="paths to time (default: eager_fp32 optimized [+ optimized_compiled with --compile])",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -81,7 +100,9 @@ def eager_step_fn(unet: torch.nn.Module, images: torch.Tensor, size: int) -> Cal
     return step
 
 
-def optimized_step_fn(module: P2DiffusionModule, images: torch.Tensor) -> Callable[[], torch.Tensor]:
+def optimized_step_fn(
+    module: P2DiffusionModule, images: torch.Tensor, bf16: bool = True
+) -> Callable[[], torch.Tensor]:
     """The module's own step: bf16 autocast, channels_last, fused AdamW, P2 loss, foreach EMA."""
     module.setup("fit")
     optimizer = module.configure_optimizers()["optimizer"]
@@ -89,7 +110,7 @@ def optimized_step_fn(module: P2DiffusionModule, images: torch.Tensor) -> Callab
     batch = {"image": images}
 
     def step() -> torch.Tensor:
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
             x0 = module.model_inputs(batch)
             t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
             loss = module.p2_loss(x0, t, torch.randn_like(x0))
@@ -150,32 +171,43 @@ def run(args: argparse.Namespace) -> dict:
     flops = train_step_flops(base, images, size)
     initial = copy.deepcopy(base.state_dict())
 
-    def optimized(compile_: bool) -> Callable[[], torch.Tensor]:
+    def optimized(name: str) -> Callable[[], torch.Tensor]:
+        channels_last, bf16, mode = VARIANTS[name]
         module = P2DiffusionModule(
-            args.preset, image_size=image_size, channels_last=True, fused_optimizer=True, compile=compile_
+            args.preset, image_size=image_size, channels_last=channels_last, fused_optimizer=True
         )
         module.unet.load_state_dict(initial)
         module.ema_unet.load_state_dict(initial)
-        return optimized_step_fn(module.to(device), images)
+        if mode is not None:  # what `compile: true` does, with the mode under test
+            module.hparams.compile = True
+            object.__setattr__(module, "_compiled_unet", torch.compile(module.unet, mode=mode))
+        return optimized_step_fn(module.to(device), images, bf16=bf16)
 
+    names = args.variants or ["eager_fp32", "optimized"] + (["optimized_compiled"] if args.compile else [])
     paths: dict[str, Callable[[], Callable[[], torch.Tensor]]] = {
-        "eager_fp32": lambda: eager_step_fn(base.train(), images, size),
-        "optimized": lambda: optimized(False),
+        name: (lambda: eager_step_fn(base.train(), images, size))
+        if name == "eager_fp32"
+        else (lambda name=name: optimized(name))
+        for name in names
     }
-    if args.compile:
-        paths["optimized_compiled"] = lambda: optimized(True)
 
     results = {}
     for name, make in paths.items():
         torch.manual_seed(args.seed)
-        warmup = args.warmup + (5 if name.endswith("compiled") else 0)
-        result = time_path(make(), device, warmup, args.steps)
+        warmup = args.warmup + (5 if VARIANTS[name][2] else 0)
+        started = time.perf_counter()
+        try:
+            result = time_path(make(), device, warmup, args.steps)
+        except Exception as error:  # one failing variant (e.g. a compile mode) must not lose the others
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            continue
+        result["wall_with_warmup_s"] = time.perf_counter() - started
         result["images_per_s"] = result["steps_per_s"] * args.batch_size
         achieved = flops * result["steps_per_s"]
         result["achieved_tflops"] = achieved / 1e12
         result["mfu"] = achieved / (args.peak_tflops * 1e12) if args.peak_tflops else None
         results[name] = result
-    base_ips = results["eager_fp32"]["images_per_s"]
+    base_ips = results.get("eager_fp32", {}).get("images_per_s")
     return {
         "benchmark": "diffusion_train",
         "device": torch.cuda.get_device_name(device)
@@ -196,7 +228,9 @@ def run(args: argparse.Namespace) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "paths": results,
-        "speedup_vs_eager_fp32": {k: v["images_per_s"] / base_ips for k, v in results.items()},
+        "speedup_vs_eager_fp32": {
+            k: v["images_per_s"] / base_ips for k, v in results.items() if base_ips and "images_per_s" in v
+        },
     }
 
 

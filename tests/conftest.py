@@ -29,7 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: what the machine offered before this file hid it (None: the variable was not set)
 ORIGINAL_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+#: `DIFFINJECT_TEST_GPU=1 pytest -m gpu` (what `benchmarks/gpu_check.sh` runs): leave the devices visible from
+#: the start, so CUDA is never initialised while they are hidden; CPU tests still see none in-process (3.)
+SHOW_GPU = os.environ.get("DIFFINJECT_TEST_GPU") == "1"
+if not SHOW_GPU:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _set_visible(value: str | None) -> None:
@@ -45,14 +49,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     _set_visible(ORIGINAL_VISIBLE_DEVICES)
     if not torch.cuda.is_available():
-        _set_visible("")
+        if not SHOW_GPU:
+            _set_visible("")
         pytest.skip(
             "needs a CUDA device (none visible, or CUDA was initialised while hidden: run `pytest -m gpu`)"
         )
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if not SHOW_GPU:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,8 @@ import pytest
 import torch
 
 AT_COLLECTION = (torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+if os.environ.get("DIFFINJECT_TEST_GPU") == "1":
+    torch.cuda.init()  # a library that initialises CUDA while modules are collected
 
 
 def test_collection_saw_no_gpu():
@@ -71,18 +73,21 @@ def test_cpu_after():
 """
 
 
-def _run(tmp_path: Path, fake_gpu: bool, visible: str) -> tuple[str, subprocess.CompletedProcess]:
+def _run(
+    tmp_path: Path, fake_gpu: bool, visible: str, extra: tuple[str, ...] = (), show_gpu: bool = False
+) -> tuple[str, subprocess.CompletedProcess]:
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
     (suite / "test_probes.py").write_text(PROBES)
     (suite / "fake_gpu.py").write_text(FAKE_GPU_PLUGIN)
     env = {**os.environ, "FAKE_GPU": "1" if fake_gpu else "0", "EXPECTED_VISIBLE": visible}
+    env["DIFFINJECT_TEST_GPU"] = "1" if show_gpu else "0"
     env["CUDA_VISIBLE_DEVICES"] = visible  # the machine's setting, e.g. the second of two GPUs
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(suite), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q", "-rs"]
     command += ["-m", "", "-W", "ignore::pytest.PytestUnknownMarkWarning", "--rootdir", str(suite)]
-    command.append(str(suite))
+    command += [*extra, str(suite)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=suite, env=env)
     return done.stdout + done.stderr, done
 
@@ -98,3 +103,10 @@ def test_gpu_test_is_skipped_at_run_time_without_a_device(tmp_path: Path) -> Non
     assert done.returncode == 0, output[-3000:]
     assert re.search(r"\b3 passed, 1 skipped\b", output), output[-3000:]
     assert "needs a CUDA device" in output
+
+
+def test_gpu_run_keeps_the_device_visible_from_the_start(tmp_path: Path) -> None:
+    """`DIFFINJECT_TEST_GPU=1 pytest -m gpu` (the GPU kit): CUDA may be initialised early and still see it."""
+    output, done = _run(tmp_path, fake_gpu=True, visible="1", extra=("-m", "gpu"), show_gpu=True)
+    assert done.returncode == 0, output[-3000:]
+    assert re.search(r"\b1 passed, 3 deselected\b", output), output[-3000:]
