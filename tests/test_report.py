@@ -19,7 +19,7 @@ from diffinject.report import analysis, json_safe, main, write_report
 from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, collect_method, collect_timings, knobs_of
 from diffinject.report.render import FEWER_NOTE, accuracy_plot, percent_of
 
-METRICS = {  # stage → per-seed (overall, aligned, conflicting, worst-group, val acc)
+METRICS = {  # stage → per-seed (overall, aligned, conflicting, worst class (conflicting), val acc)
     "vanilla": [(0.40, 0.99, 0.33, 0.00, 0.97), (0.44, 1.00, 0.38, 0.10, 0.98)],
     "lff": [(0.58, 0.90, 0.54, 0.20, 0.90), (0.56, 0.86, 0.52, 0.10, 0.88)],
     "bias": [(0.28, 1.00, 0.20, 0.00, 0.97), (0.30, 1.00, 0.22, 0.00, 0.98)],
@@ -38,14 +38,15 @@ SEED_ROWS = {0: list(range(12)), 1: [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]}
 
 
 def metrics_payload(stage: str, values: tuple[float, ...], seed: int) -> dict[str, Any]:
-    acc, aligned, conflicting, worst, val = values
+    acc, aligned, conflicting, worst_class, val = values
     return {
         "stage": stage,
         "test": {
             "test/acc": acc,
             "test/acc_aligned": aligned,
             "test/acc_conflicting": conflicting,
-            "test/acc_worst_group": worst,
+            "test/acc_conflicting_worst_class": worst_class,
+            "test/acc_worst_group": 0.0,  # as at 1 %: some small group is always at 0 %
             "test/acc_group_mean": acc,
         },
         "val": {"val/acc": val, "epoch": 3},
@@ -155,7 +156,7 @@ def test_accuracy_mean_and_sample_std(report: dict[str, Any]) -> None:
         entry = report["methods"][stage]
         assert entry["n"] == 2 and entry["seeds"] == [0, 1]
         for column, key in enumerate(
-            ("test/acc", "test/acc_aligned", "test/acc_conflicting", "test/acc_worst_group")
+            ("test/acc", "test/acc_aligned", "test/acc_conflicting", "test/acc_conflicting_worst_class")
         ):
             values = [per_seed[0][column], per_seed[1][column]]
             assert entry[key]["mean"] == pytest.approx(sum(values) / 2)
@@ -182,7 +183,8 @@ def test_markdown_figures_and_stdout(
     ):  # what they show: test_accuracy_plot_*, test_report_samples
         with Image.open(run_root / "report" / figure) as image:
             assert image.format == "PNG"
-    assert "(n=" not in text and FEWER_NOTE not in text  # every value present in every seed
+    assert "seeds)" not in table and FEWER_NOTE not in text  # every value present in every seed
+    assert "worst-group" not in table.splitlines()[0]  # no group sizes recorded: not shown
     main([str(run_root), "--seeds", "0", "1"])  # the CLI prints the same table (probe now cached)
     assert "| DiffInject | 2 | 68.00 ± 2.83 |" in capsys.readouterr().out
 
@@ -198,11 +200,11 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 
 def expected_cell(values: list[float], seeds: int | None = None) -> str:
-    """How the table shows these per-seed fractions: mean (± sample std) in %, (n=k) if fewer than seeds."""
+    """How the table shows these per-seed fractions: mean (± sample std) in %, (k of n seeds) if fewer."""
     text = f"{100 * sum(values) / len(values):.2f}"
     if len(values) > 1:
         text += f" ± {100 * sample_std(values):.2f}"
-    return f"{text} (n={len(values)})" if seeds is not None and len(values) < seeds else text
+    return f"{text} ({len(values)} of {seeds} seeds)" if seeds is not None and len(values) < seeds else text
 
 
 def plotted(results: dict[str, Any]) -> tuple[Any, list[BarContainer], list[ErrorbarContainer]]:
@@ -267,8 +269,9 @@ def test_last_epoch_rows(tmp_path: Path) -> None:
     text = (root / "report" / "results.md").read_text()
     table = table_rows(text)
     columns = range(len(COLUMNS))
+    seeds_cells = {"Vanilla, last epoch": "2", "DiffInject, last epoch": "1 of 2 (seed 1 not run)"}
     for name, per_seed in (("Vanilla, last epoch", last), ("DiffInject, last epoch", {0: last[0]})):
-        cells = [str(len(per_seed))] + [expected_cell([v[c] for v in per_seed.values()]) for c in columns]
+        cells = [seeds_cells[name]] + [expected_cell([v[c] for v in per_seed.values()]) for c in columns]
         cells += [expected_cell([v[4] for v in per_seed.values()]), "last epoch"]
         assert table[name] == cells, name
     assert table["Vanilla"][-1] == "val/acc" and table["Vanilla"][1] == expected_cell([0.40, 0.44])
@@ -280,7 +283,8 @@ def test_last_epoch_rows(tmp_path: Path) -> None:
 
 
 def test_a_value_missing_in_one_seed_is_counted_per_cell(tmp_path: Path) -> None:
-    """A mean over fewer seeds than the row's "seeds" cell says is marked (n=k) in the table and figure."""
+    """A mean over fewer seeds than the row's "seeds" cell says is marked "(k of n seeds)" in the table and
+    n=k in the figure."""
     root = tmp_path / "cmnist" / "1pct"
     values = {
         0: (0.40, 0.99, 0.33, 0.05, 0.97),
@@ -292,20 +296,23 @@ def test_a_value_missing_in_one_seed_is_counted_per_cell(tmp_path: Path) -> None
     result = write_report(root)
     entry = result["methods"]["vanilla"]
     assert entry["n"] == 3 and entry["test/acc"]["n"] == 3
-    assert entry["test/acc_worst_group"]["n"] == 1 and entry["test/acc_worst_group"]["mean"] == 0.05
+    worst = entry["test/acc_conflicting_worst_class"]
+    assert worst["n"] == 1 and worst["mean"] == 0.05
     assert entry["val/acc"]["n"] == 2 and entry["val/acc"]["mean"] == pytest.approx(0.975)
     text = (root / "report" / "results.md").read_text()
     row = table_rows(text)["Vanilla"]
     overall = [values[s][0] for s in (0, 1, 2)]
-    assert row[:2] == ["3", expected_cell(overall, seeds=3)] and "(n=" not in row[1]
-    assert row[4] == "5.00 (n=1)" and row[5] == expected_cell([0.97, 0.98], seeds=3) == "97.50 ± 0.71 (n=2)"
+    assert row[:2] == ["3", expected_cell(overall, seeds=3)] and "seeds)" not in row[1]
+    assert row[4] == "5.00 (1 of 3 seeds)"
+    assert row[5] == expected_cell([0.97, 0.98], seeds=3) == "97.50 ± 0.71 (2 of 3 seeds)"
     assert FEWER_NOTE in text
-    assert "| Vanilla | [0, 1, 2] | – | worst-group (2 of 3 seeds), val acc (1 of 3 seeds) |" in text
+    holes = "worst class (conflicting) (2 of 3 seeds), val acc (1 of 3 seeds)"
+    assert f"| Vanilla | [0, 1, 2] | – | {holes} |" in text
     saved = json.loads((root / "report" / "results.json").read_text())["methods"]["vanilla"]
-    assert saved["test/acc_worst_group"]["values"] == [0.05, None, None]  # NaN written as null
+    assert saved["test/acc_conflicting_worst_class"]["values"] == [0.05, None, None]  # NaN written as null
     ax, bars, _ = plotted(result)
     assert [b.patches[3].get_height() for b in bars] == [pytest.approx(5.0)]
-    assert [t.get_text() for t in ax.texts] == ["n=1"]  # only the worst-group bar is marked
+    assert [t.get_text() for t in ax.texts] == ["n=1"]  # only the worst-class bar is marked
     assert ax.texts[0].get_position()[0] == pytest.approx(
         bars[0].patches[3].get_x() + bars[0].patches[3].get_width() / 2
     )
@@ -417,7 +424,7 @@ def test_diversity_and_nominal() -> None:
     assert nominal["assumed_bias_carrier"] == "content" and nominal["nominal_conflict_rate"] == 0.5
 
 
-def test_missing_stages_show_dash(tmp_path: Path) -> None:
+def test_missing_stages_have_no_row(tmp_path: Path) -> None:
     root = tmp_path / "cmnist" / "1pct"
     for seed in (0, 1, 2):
         folder = root / f"seed{seed}" / "vanilla"
@@ -428,7 +435,9 @@ def test_missing_stages_show_dash(tmp_path: Path) -> None:
     result = write_report(root)
     assert result["seeds"] == [0, 1, 2] and result["methods"]["debias"]["n"] == 0
     text = (root / "report" / "results.md").read_text()
-    assert "| DiffInject | 0 | – | – | – | – | – |" in text
+    assert "| DiffInject |" not in text and "| LfF |" not in text and "| Vanilla | 3 |" in text
+    line = "Not run, so not in the table: LfF, DisEnt, LfF+BE, DisEnt+BE, GCE bias (reference) "
+    assert line + "(`make baselines` adds them); DiffInject (`make pipeline` adds it)." in text
     assert "samples.png not written" in text and not (root / "report" / "samples.png").exists()
     assert (root / "report" / "accuracy.png").is_file() and result["synthetic"] is None
 
@@ -448,13 +457,16 @@ def test_malformed_inputs_name_the_file(tmp_path: Path) -> None:
     root = tmp_path / "cmnist" / "1pct"
     bad = root / "seed0" / "lff" / "metrics.json"
     bad.parent.mkdir(parents=True)
-    bad.write_text('{"test": {"test/acc": 0.5')
-    with pytest.raises(ValueError, match=str(bad)):
-        write_report(root)
-    bad.write_text(json.dumps({"test": {"test/acc": "high"}}))
-    with pytest.raises(ValueError, match="test/acc must be a number"):
+    bad.write_text(json.dumps({"test": {"test/acc": "high"}}))  # a seed's metrics.json: left out, warned
+    with pytest.warns(UserWarning, match=f"{bad}: unexpected content .*test/acc must be a number"):
         write_report(root)
     bad.unlink()
+    topk = root / "seed0" / "bias" / "topk_summary.json"  # other inputs still stop the report
+    topk.parent.mkdir(parents=True)
+    topk.write_bytes(b'{"k": "\xff"}')
+    with pytest.raises(ValueError, match=f"{topk} is not UTF-8"):
+        write_report(root)
+    topk.unlink()
     manifest = root / "seed0" / "inject" / "manifest.csv"
     manifest.parent.mkdir(parents=True)
     manifest.write_text("index,label,path\n0,1,images/0.png\n")

@@ -14,9 +14,11 @@ from typing import Any
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """The file's JSON object, or None when it is missing or unreadable (ValueError: not UTF-8 or not JSON);
+    the method table warns about an unreadable metrics.json itself."""
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
     return payload if isinstance(payload, dict) else None
 

@@ -4,8 +4,10 @@ Reads a run root `R = runs/{dataset}/{pct}` (per-seed `metrics.json`, top-K summ
 `timings.json`, every stage's `pipeline_config.yaml`) and writes `R/report/`: `results.json`,
 `results.md` (compact table first), `accuracy.png` (grouped bars, std error bars) and `samples.png` (real
 images, unconditional DDIM samples of the diffusion model, style / content / synthetic; `report.samples`).
-Accuracies are mean ± sample std (ddof = 1) over seeds. A stage that was not run shows "–"; an unreadable
-input raises an error naming the file.
+Accuracies are mean ± sample std (ddof = 1) over seeds. A method that was not run has no row (a line under the
+table names it); an unreadable input raises an error naming the file, except a seed's metrics.json, which is
+left out with a warning naming it (the row's "seeds" cell says which seed is missing and why). The table's
+columns, and why worst-group is one only for large test groups: `render.column_notes`, `groups`.
 
     python -m diffinject.report runs/cmnist/1pct [--seeds 0 1 2]
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from diffinject.report import synthetic as rs
 from diffinject.report.gate import collect_gate
+from diffinject.report.groups import worst_group_rule
 from diffinject.report.inputs import (
     METHODS,
     collect_configs,
@@ -103,6 +106,13 @@ def write_report(
         last = collect_method(root, f"{stage}/last_epoch", seeds)
         if last["n"]:
             results["methods"][f"{stage}/last_epoch"] = {"name": f"{name}, last epoch", **last}
+    results["worst_group"] = worst_group_rule(results["methods"])
+    for entry in results["methods"].values():
+        for seed, reason in entry["unreadable"].items():
+            results["notes"].append(
+                f"{entry['name']}: seed {seed}'s metrics.json is {reason}, "
+                "so that seed is left out of the row"
+            )
     synthetic, sample = rs.collect_synthetic(root, seeds, report_dir)
     samples, sample_notes = write_samples(report_dir / "samples.png", root, seeds, sample)
     figures: dict[str, str | None] = {"accuracy": None, "samples": str(samples) if samples else None}
@@ -131,7 +141,7 @@ def write_report(
         results["notes"].append("accuracy.png not written: no method has test metrics yet")
     missing = [name for stage, name in METHODS if results["methods"][stage]["n"] == 0]
     if missing:
-        results["notes"].append(f"not run (shown as –): {', '.join(missing)}")
+        results["notes"].append(f"no result, so no row: {', '.join(missing)}")
     results["figures"] = figures
     _write_atomic(
         report_dir / "results.json",

@@ -318,16 +318,21 @@ class ClassifierModule(LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
+        groups = self.test_metrics.group_counts()  # before the reset in _eval_epoch_end; on every rank
         summary = self._eval_epoch_end(self.test_metrics, "test")
         if self.trainer.is_global_zero:
-            self.write_metrics(summary)
+            self.write_metrics(summary, groups)
 
-    def write_metrics(self, test_summary: dict[str, float | None]) -> Path:
-        """`metrics.json` in the run folder: test metrics + the val metrics of the tested checkpoint."""
+    def write_metrics(
+        self, test_summary: dict[str, float | None], test_groups: dict[str, Any] | None = None
+    ) -> Path:
+        """`metrics.json` in the run folder: test metrics + the val metrics of the tested checkpoint, and the
+        test images' correct/total counts per (label, bias) group (`test_groups`, for the report)."""
         val = self.loaded_checkpoint.get("val", self.val_summary)
         payload: dict[str, Any] = {
             "stage": type(self).__name__,
             "test": test_summary,
+            "test_groups": test_groups,
             "val": val or None,
             "checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
             "checkpoint_epoch": self.loaded_checkpoint.get("epoch"),
