@@ -1,7 +1,8 @@
 """Datasets distributed as image folders (DisEnt/BiasEnsemble layout): generic module and presets.
 
-`FolderSplits` reads one `{root}/{name}/{pct}` tree into `ImageFileDataset`s (paths only; pixels are decoded
-in the DataLoader workers). The CMNIST and CCIFAR-10 modules reuse it for their folder sources.
+`FolderSplits` reads one `{root}/{name}/{pct}` tree into datasets whose images are decoded once, at setup
+(`data.decoded`: in memory under `memory_cap_gib`, else a memory-mapped array file in the cache folder), not
+in every epoch. The CMNIST and CCIFAR-10 modules reuse it for their folder sources.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torchvision.transforms import v2
 
 from diffinject.data.base import BadImagePolicy, BiasedDataModule, screen_images
 from diffinject.data.datasets import ImageFileDataset, Transform
+from diffinject.data.decoded import CACHE_DIR_NAME, DEFAULT_MEMORY_CAP_GIB, decoded_split
 from diffinject.data.layout import FolderLayout, ImageRecords, check_biases, check_classes, scan_images
 from diffinject.data.synthetic import SyntheticControl
 
@@ -32,6 +34,9 @@ class FolderSplits:
 
     Each split is checked once at setup (names, folders, label and bias ranges, image headers, or full decodes
     under `on_bad_image='skip'`), so a bad file is named before training rather than in a worker mid-epoch.
+    The files that pass are then decoded once (`data.decoded.decoded_split`); `decode_once=False` keeps the
+    per-item decode in every epoch (`ImageFileDataset`). `cache_dir` (default: `{root}/{name}/.diffinject-
+    cache`) holds the array files of splits above `memory_cap_gib`; `num_workers` processes decode big splits.
     """
 
     def __init__(
@@ -44,6 +49,10 @@ class FolderSplits:
         image_size: int,
         on_bad_image: BadImagePolicy,
         num_bias_classes: int | None = None,
+        memory_cap_gib: float = DEFAULT_MEMORY_CAP_GIB,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+        decode_once: bool = True,
     ) -> None:
         self.layout = FolderLayout(root, name, pct)
         self.num_classes = num_classes
@@ -51,6 +60,10 @@ class FolderSplits:
         self.channels = channels
         self.image_size = image_size
         self.on_bad_image = on_bad_image
+        self.memory_cap_gib = memory_cap_gib
+        self.cache_dir = Path(cache_dir) if cache_dir else self.layout.dataset_dir / CACHE_DIR_NAME
+        self.num_workers = num_workers
+        self.decode_once = decode_once
 
     def _records(self, directories: list, what: str) -> ImageRecords:
         records = scan_images(directories, what)
@@ -61,23 +74,43 @@ class FolderSplits:
         check_classes(records, self.num_classes, what)  # skipping may have emptied a class
         return records
 
-    def _dataset(self, records: ImageRecords, transform: Transform | None) -> ImageFileDataset:
-        return ImageFileDataset(
-            records.paths, records.labels, records.biases, self.channels, self.image_size, transform
+    def _dataset(self, records: ImageRecords, what: str, split_dir: Path) -> ImageFileDataset:
+        """The split's items, decoded once unless `decode_once` is off (no transform: callers add it)."""
+        if not self.decode_once:
+            return ImageFileDataset(
+                records.paths, records.labels, records.biases, self.channels, self.image_size
+            )
+        base = self.layout.dataset_dir
+        return decoded_split(
+            records.paths,
+            records.labels,
+            records.biases,
+            self.channels,
+            self.image_size,
+            what,
+            self.memory_cap_gib,
+            self.cache_dir,
+            split_dir.relative_to(base).as_posix().replace("/", "-"),  # "1pct-train", "1pct-valid", "test"
+            base,
+            self.num_workers,
         )
 
     def train(self, transform: Transform | None) -> tuple[ImageFileDataset, ImageFileDataset]:
-        dirs = self.layout.train_dirs()
-        records = self._records(dirs, f"training split {self.layout.pct_dir}")
-        return self._dataset(records, transform), self._dataset(records, None)
+        """(augmented, plain) views of one decoded training split."""
+        what = f"training split {self.layout.pct_dir}"
+        records = self._records(self.layout.train_dirs(), what)
+        plain = self._dataset(records, what, self.layout.pct_dir / "train")
+        return plain.with_transform(transform), plain
 
     def val(self) -> ImageFileDataset:
         valid = self.layout.valid_dir()
-        return self._dataset(self._records([valid], f"validation split {valid}"), None)
+        what = f"validation split {valid}"
+        return self._dataset(self._records([valid], what), what, valid)
 
     def test(self) -> ImageFileDataset:
         test = self.layout.test_dir()
-        return self._dataset(self._records([test], f"test split {test}"), None)
+        what = f"test split {test}"
+        return self._dataset(self._records([test], what), what, test)
 
 
 class FolderDataModule(BiasedDataModule):
@@ -88,6 +121,10 @@ class FolderDataModule(BiasedDataModule):
     `unbiased_test_subset` names the report's headline: the whole test split ("all", when it is balanced) or
     its bias-conflicting images ("conflicting", BFFHQ's convention); every group is reported either way.
     `num_bias_classes` bounds the bias values in the file names (default: num_classes), as the metrics do.
+    Every split is decoded once, at setup: held in memory when its decoded pixels fit `memory_cap_gib` (GiB,
+    per split), else converted once to a memory-mapped `.npy` in `cache_dir` (default
+    `{root}/{name}/.diffinject-cache`; re-read when the tree's files change; an unwritable folder means the
+    per-item decode, with a warning). `decode_once: false` decodes every image in every epoch instead.
     """
 
     def __init__(
@@ -109,6 +146,9 @@ class FolderDataModule(BiasedDataModule):
         unbiased_test_subset: Literal["all", "conflicting"] = "all",
         num_bias_classes: int | None = None,
         synthetic_allow_outside: bool = False,
+        memory_cap_gib: float = DEFAULT_MEMORY_CAP_GIB,
+        cache_dir: str | None = None,
+        decode_once: bool = True,
     ) -> None:
         super().__init__(
             root,
@@ -130,6 +170,9 @@ class FolderDataModule(BiasedDataModule):
                 f"unbiased_test_subset must be 'all' or 'conflicting', got {unbiased_test_subset!r}"
             )
         self.unbiased_test_subset = unbiased_test_subset
+        if not memory_cap_gib >= 0:
+            raise ValueError(f"memory_cap_gib must be >= 0 (0: never in memory), got {memory_cap_gib}")
+        self.memory_cap_gib, self.cache_dir, self.decode_once = memory_cap_gib, cache_dir, bool(decode_once)
         self.name, self.pct = name, pct
         self.image_size, self.num_classes, self.channels = image_size, num_classes, channels
         self.augment, self.crop_padding = augment, crop_padding
@@ -146,6 +189,10 @@ class FolderDataModule(BiasedDataModule):
                 self.image_size,
                 self.on_bad_image,
                 self.num_bias_classes,
+                memory_cap_gib=self.memory_cap_gib,
+                cache_dir=self.cache_dir,
+                num_workers=self.num_workers,
+                decode_once=self.decode_once,
             )
         return self._splits
 
@@ -191,6 +238,9 @@ class BFFHQDataModule(FolderDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
         synthetic_allow_outside: bool = False,
+        memory_cap_gib: float = DEFAULT_MEMORY_CAP_GIB,
+        cache_dir: str | None = None,
+        decode_once: bool = True,
     ) -> None:
         super().__init__(
             root,
@@ -209,6 +259,9 @@ class BFFHQDataModule(FolderDataModule):
             synthetic_control,
             "conflicting",
             synthetic_allow_outside=synthetic_allow_outside,
+            memory_cap_gib=memory_cap_gib,
+            cache_dir=cache_dir,
+            decode_once=decode_once,
         )
 
 
@@ -228,6 +281,9 @@ class DogsCatsDataModule(FolderDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         synthetic_control: SyntheticControl = "none",
         synthetic_allow_outside: bool = False,
+        memory_cap_gib: float = DEFAULT_MEMORY_CAP_GIB,
+        cache_dir: str | None = None,
+        decode_once: bool = True,
     ) -> None:
         super().__init__(
             root,
@@ -245,4 +301,7 @@ class DogsCatsDataModule(FolderDataModule):
             on_bad_image,
             synthetic_control,
             synthetic_allow_outside=synthetic_allow_outside,
+            memory_cap_gib=memory_cap_gib,
+            cache_dir=cache_dir,
+            decode_once=decode_once,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,16 +69,26 @@ def _order_key(path: Path) -> tuple[int, int, str]:
     return (0, int(head), str(path)) if head.isdigit() else (1, 0, str(path))
 
 
-def _walk_files(directory: Path) -> list[Path]:
-    """Files under `directory`, hidden ones (".DS_Store", ".ipynb_checkpoints/", temp folders) and our own
-    metadata files left out."""
-    found = []
+def _regular_or_missing(path: Path) -> bool:
+    """False for a FIFO, socket or device (opening a FIFO blocks until a writer comes: forever, at setup).
+    A broken link counts as a file, so the image check names it as unreadable, as before."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
+def _walk_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(regular files, other non-directory entries) under `directory`; hidden ones (".DS_Store",
+    ".ipynb_checkpoints/", temp and cache folders) and our own metadata files left out."""
+    found, irregular = [], []
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and f not in METADATA_FILES
-        )
-    return found
+        for name in filenames:
+            if not name.startswith(".") and name not in METADATA_FILES:
+                path = Path(dirpath) / name
+                (found if _regular_or_missing(path) else irregular).append(path)
+    return found, irregular
 
 
 def folder_problem(path: Path, directory: Path, label: int, bias: int) -> str | None:
@@ -101,11 +112,14 @@ def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
     """All image files under `directories` (recursively), parsed and in deterministic order.
 
     Raises ValueError listing up to five file names that do not follow the naming pattern; files that are not
-    images (by extension) are left out and counted in a warning.
+    images (by extension) are left out and counted in a warning, and so are entries that are not regular
+    files (FIFOs, sockets, devices), which are never opened.
     """
-    images, others, unparsed, misplaced = [], [], [], []
+    images, others, unparsed, misplaced, irregular = [], [], [], [], []
     for directory in directories:
-        for path in _walk_files(directory):
+        files, skipped = _walk_files(directory)
+        irregular += skipped
+        for path in files:
             parsed = parse_label_bias(path.stem)
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 others.append(path)
@@ -125,6 +139,13 @@ def scan_images(directories: Sequence[Path], what: str) -> ImageRecords:
         raise ValueError(
             f"{len(misplaced)} file(s) in {what} contradict their folders:{_listing(misplaced)}\n"
             f"the file name says label and bias ({FILENAME_PATTERN}); fix the name or move the file"
+        )
+    if irregular:
+        log.warning(
+            "%s: skipped %d item(s) that are not regular files (FIFO, socket or device; never opened):%s",
+            what,
+            len(irregular),
+            _listing([str(p) for p in irregular]),
         )
     if others:
         log.warning(

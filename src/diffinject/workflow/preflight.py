@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffinject.data.layout import FolderLayout
-from diffinject.workflow.configs import Options
+from diffinject.data.datasets import check_image
+from diffinject.data.layout import FolderLayout, scan_images
+from diffinject.workflow.configs import Options, stage_config
 from diffinject.workflow.markers import STAGE_OUTPUTS
 from diffinject.workflow.runner import Step
+from diffinject.workflow.sections import source_data_section
 
 #: where each user-supplied dataset comes from, and the folder under DATA_ROOT it must be in
 SOURCES = {
@@ -58,7 +60,8 @@ def what_data(opts: Options) -> str:
 
 
 def check_dataset(opts: Options) -> None:
-    """The user-supplied dataset is present (CMNIST never needs a download: the embedded digits)."""
+    """The user-supplied dataset is present (CMNIST never needs a download: the embedded digits); for the
+    folder-layout datasets, its test images decode too (`check_test_pixels`)."""
     root = Path(opts.data_root or "data")
     if opts.dataset == "ccifar10":
         from diffinject.data.ccifar10 import cifar10_present
@@ -71,12 +74,49 @@ def check_dataset(opts: Options) -> None:
         return
     try:
         if opts.dataset == "folder":
-            opts.facts  # noqa: B018 - reads the whole tree; every layout rule is checked there
-            return
-        layout = FolderLayout(root, SOURCES[opts.dataset][0], opts.pct)
-        layout.train_dirs(), layout.valid_dir(), layout.test_dir()
+            channels = opts.facts.channels  # reads the whole tree; every layout rule is checked there
+            layout = FolderLayout(root, opts.folder_name, opts.pct)
+        else:
+            layout = FolderLayout(root, SOURCES[opts.dataset][0], opts.pct)
+            layout.train_dirs(), layout.valid_dir()
+            channels = 3
+        test = layout.test_dir()
+        test_paths = scan_images([test], f"test split {test}").paths
     except (FileNotFoundError, ValueError) as error:
         raise CannotStart(_data_help(opts, str(error))) from error
+    check_test_pixels(test_paths, channels, bad_image_policy(opts), test)
+
+
+def bad_image_policy(opts: Options) -> str:
+    """`on_bad_image` of the classifier stages (the bias stage's data section; "error" when unset)."""
+    try:
+        section = source_data_section(stage_config(opts, "bias", opts.seeds[0] if opts.seeds else 0))
+    except (FileNotFoundError, ValueError):
+        return "error"
+    return str(((section or {}).get("init_args") or {}).get("on_bad_image", "error"))
+
+
+def check_test_pixels(paths: Sequence[Path], channels: int, policy: str, test: Path) -> None:
+    """Decode every test image now (the split is small): pixel damage behind a valid header would otherwise
+    surface only when the first stage tests, after its whole fit. Under `on_bad_image: skip` the files are
+    only named (the stages drop them); otherwise the run cannot start."""
+    bad = [(p, c.problem) for p in paths if (c := check_image(p, channels, decode=True)).problem is not None]
+    if not bad:
+        return
+    listing = "\n  ".join(f"{path}: {problem}" for path, problem in bad[:5])
+    more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+    if policy == "skip":
+        print(
+            f"[pipeline] {len(bad)} test image(s) in {test} do not decode; on_bad_image: skip drops them at "
+            f"test time:\n  {listing}{more}",
+            flush=True,
+        )
+        return
+    raise CannotStart(
+        f"{len(bad)} test image(s) in {test} do not decode (checked before any stage, since the test split "
+        f"is read only after each fit):\n  {listing}{more}\n  Fix or remove them, or drop them with "
+        f"on_bad_image: skip in the stages' data section (--variant)."
+    )
 
 
 def check_handovers(steps: Sequence[Step], root: Path) -> None:
