@@ -63,18 +63,21 @@ DATA_ROOT ?= data
 # Intra-op threads per process: on a small shared CPU one thread is several times faster than oversubscribing.
 CPU_THREADS ?= 1
 PIPELINE_ARGS ?=
+# VERBOSE=1: every stage's output on the terminal too, as before (default: one line per stage, a heartbeat with
+# the stage's progress about once a minute and warnings; the whole output is in the stage's pipeline.log).
+VERBOSE ?=
 # DATASET=folder: your own tree {DATA_ROOT}/{NAME}/{PCT}/... (configs/folder/README.md).
 NAME ?=
 # A diffusion export to use instead of training the diffusion stage (e.g. a converted pretrained P2 model).
 DIFFUSION ?=
 RUN_ROOT = $(RUNS)/$(if $(filter folder,$(DATASET)),folder/$(NAME),$(DATASET))/$(PCT)
-PIPELINE = OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.pipeline --dataset $(DATASET) --pct $(PCT) \
+PIPELINE = DIFFINJECT_VERBOSE=$(VERBOSE) OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.pipeline --dataset $(DATASET) --pct $(PCT) \
 	--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) --data-root $(DATA_ROOT) \
 	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NAME),--name $(NAME)) $(if $(DIFFUSION),--diffusion $(DIFFUSION)) \
 	$(PIPELINE_ARGS)
 
 .PHONY: pipeline
-pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist|ccifar10|bffhq|dogscats|folder NAME= PCT=1pct PROFILE=quick SEEDS="0 1 2" TRAINER=cpu|gpu|ddp DEVICES=N RUNS=runs DATA_ROOT=data DIFFUSION=<export>)
+pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist|ccifar10|bffhq|dogscats|folder NAME= PCT=1pct PROFILE=quick SEEDS="0 1 2" TRAINER=cpu|gpu|ddp DEVICES=N RUNS=runs DATA_ROOT=data DIFFUSION=<export> VERBOSE=1)
 	$(PIPELINE)
 
 .PHONY: baselines
@@ -94,7 +97,7 @@ STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
 .PHONY: study
 study: $(STAMP) ## Ablation table: base pipeline + one run per configs/$(DATASET)/study/*.yaml (~2 h on 2 CPU cores; STUDY_VARIANTS=...)
 	$(PIPELINE)
-	OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.study --dataset $(DATASET) --pct $(PCT) \
+	DIFFINJECT_VERBOSE=$(VERBOSE) OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.study --dataset $(DATASET) --pct $(PCT) \
 		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) -- $(STUDY_VARIANTS)
 
 .PHONY: bench

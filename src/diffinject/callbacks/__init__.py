@@ -1,5 +1,6 @@
 """Lightning callbacks and logging helpers (prediction writers, image grids)."""
 
+from diffinject.callbacks.console import PlainProgress as PlainProgress
 from diffinject.callbacks.injection_check import InjectionCheck as InjectionCheck
 from diffinject.callbacks.sample_quality import SampleQualityMonitor as SampleQualityMonitor
 from diffinject.callbacks.samples import image_grid as image_grid

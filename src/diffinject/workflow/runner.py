@@ -8,7 +8,9 @@ Everything is decided from what is on disk (`workflow.markers`), so it holds acr
   and upstream identities;
 - anything else in the folder is **cleared** first (a stale synthetic set must never mix with a new one).
 Independent steps may run side by side (`jobs` > 1, for several CPU cores); a step waits for its upstream
-steps. Failed steps are collected (`Runner.failures`) for a one-screen summary.
+steps. Failed steps are collected (`Runner.failures`) for a one-screen summary. A step's output goes whole to
+its folder's `pipeline.log`; the terminal gets one line per stage, heartbeats and real warnings
+(`workflow.stage_output`), or, with `verbose`, the stage output as it comes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +44,15 @@ from diffinject.workflow.markers import (
     stage_identity,
     write_json_atomic,
 )
+from diffinject.workflow.stage_output import HEARTBEAT_S as HEARTBEAT_S
+from diffinject.workflow.stage_output import LogTail, Terminal, watch
 
 CONFIG_NAME = "pipeline_config.yaml"
 MARKER_NAME = DONE_NAME
 #: the line of a log that names the error (a Python exception line, or Lightning's / our error prefixes)
 ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|^error:|FAILED|Traceback", re.IGNORECASE)
-#: seconds between progress lines of a step whose output goes to its log
-HEARTBEAT_S = 60
-#: a progress-bar line (tqdm / rich) in a step's log
-PROGRESS = re.compile(r"\d+%\||it/s|s/it|\d+/\d+ ")
+#: lines of a failed step's log printed with its failure (the whole log stays in the stage folder)
+FAILURE_TAIL = 25
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Runner:
         dry_run: bool = False,
         jobs: int = 1,
         root: Path | None = None,
+        verbose: bool = False,
     ) -> None:
         self.steps = list(steps)
         self.timings_path = timings_path
@@ -204,10 +208,19 @@ class Runner:
         self.lock = threading.Lock()
         self.futures: dict[str, Future[None]] = {}
         self.timings: dict[str, float] = read_record(timings_path) or {}
+        #: every line of each step's output on the terminal too: as it comes with one job (bars drawn), after
+        #: the step's name with several
+        self.verbose = verbose
+        self.terminal = Terminal()
 
-    def say(self, step: Step, text: str) -> None:
+    @property
+    def streams(self) -> bool:
+        """Whether stage output goes to the terminal as it comes (else: to its log, picked lines shown)."""
+        return self.verbose and self.jobs == 1
+
+    def say(self, step: Step, text: str, file: Any = None) -> None:
         number = self.steps.index(step) + 1
-        print(f"[pipeline {number}/{len(self.steps)}] {step.key}: {text}", flush=True)
+        print(f"[pipeline {number}/{len(self.steps)}] {step.key}: {text}", file=file, flush=True)
 
     def run(self) -> dict[str, float]:
         alone = [step for step in self.steps if step.exclusive]
@@ -260,7 +273,8 @@ class Runner:
                 if not self.dry_run:
                     shutil.rmtree(step.folder)
                     step.commands = [drop_resume(c) for c in step.commands]
-        self.say(step, "running")
+        where = "" if self.streams or self.dry_run else f" (output: {step.folder / 'pipeline.log'})"
+        self.say(step, f"running{where}")
         start = time.perf_counter()
         inputs = input_fingerprints(step.inputs)
         if not self.dry_run:
@@ -286,8 +300,9 @@ class Runner:
     def run_command(self, step: Step, command: list[str]) -> None:
         """One CLI call, its output appended to the step's `pipeline.log`.
 
-        With one job the output also reaches the terminal (stdout as is, so progress bars work; stderr through
-        a tee); with several jobs only the log gets it and a heartbeat line is printed.
+        Streaming (`verbose`, one job), the output also reaches the terminal (stdout as is, so progress bars
+        work; stderr through a tee). Otherwise the command writes to the log only, and `stage_output.watch`
+        shows what matters from it, a heartbeat, and on failure the log's last lines.
         """
         line = f"diffinject {shlex.join(command)}"
         print(f"  $ {line}", flush=True)
@@ -301,40 +316,29 @@ class Runner:
         with log.open("a") as handle:
             handle.write(f"$ {line}\n")
             handle.flush()
-            if self.jobs == 1:
+            if self.streams:
                 code = tee_stderr(subprocess.Popen(argv, stderr=subprocess.PIPE, env=env), handle)
             else:
+                tail = LogTail(log, handle.tell())
                 process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
-                code = self.wait_with_heartbeat(step, process, log).returncode
+                code = watch(process, tail, self.terminal, partial(self.say, step), echo=self.verbose)
         if code != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-            note = f"; last lines of {log}:\n{tail}" if self.jobs > 1 else ""
-            self.say(step, f"FAILED (exit {code}): {line}{note}")
+            if self.streams:  # the error is on the terminal already
+                self.say(step, f"FAILED (exit {code}): {line}")
+            else:
+                lines = re.split(r"\r\n|\r|\n", log.read_text(errors="replace").rstrip())
+                tail = "\n".join(lines[-FAILURE_TAIL:])
+                self.say(step, f"FAILED (exit {code}): {line}; last lines of {log}:\n{tail}", file=sys.stderr)
             with self.lock:
                 self.failures[step.key] = Failure(f"`{line}` exited with {code}", log, last_error_line(log))
             raise StepFailed(f"{step.key}: `{line}` exited with {code}")
 
-    def wait_with_heartbeat(
-        self, step: Step, process: subprocess.Popen, log: Path
-    ) -> subprocess.CompletedProcess:
-        """Wait for a logged command, printing its latest progress-bar line every `HEARTBEAT_S` seconds."""
-        started = time.perf_counter()
-        while True:
-            try:
-                code = process.wait(timeout=HEARTBEAT_S)
-                return subprocess.CompletedProcess(process.args, code)
-            except subprocess.TimeoutExpired:
-                tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
-                bars = [t.strip() for t in re.split(r"[\r\n]", tail) if PROGRESS.search(t)]
-                latest = f" | {bars[-1][:150]}" if bars else f" (output: {log})"
-                self.say(step, f"running for {time.perf_counter() - started:.0f} s{latest}")
-
 
 def run_steps(
-    steps: Sequence[Step], timings_path: Path, dry_run: bool = False, jobs: int = 1
+    steps: Sequence[Step], timings_path: Path, dry_run: bool = False, jobs: int = 1, verbose: bool = False
 ) -> dict[str, float]:
     """Run what is missing; returns wall seconds per step (this run's and earlier ones')."""
-    return Runner(steps, timings_path, dry_run, jobs).run()
+    return Runner(steps, timings_path, dry_run, jobs, verbose=verbose).run()
 
 
 def failure_summary(runner: Runner) -> str:
