@@ -58,8 +58,27 @@ TOLERATED = ("micro_batch",)
 RECORDED_LATER = ("unet_weights_sha256", "micro_batch")
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the renames into `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_png_atomic(image: torch.Tensor, path: Path) -> None:
-    """uint8 C×H×W (C = 1 or 3) → PNG at `path`, via a temp file + rename (never a partial PNG)."""
+    """uint8 C×H×W (C = 1 or 3) → PNG at `path`, via a temp file + rename (never a partial PNG).
+
+    The temp file is fsynced before the rename: otherwise a power loss can leave the new name pointing at
+    a file whose data never reached the disk (an empty PNG that resuming counts as done). The writer fsyncs
+    the folder once per batch (`fsync_dir`), before the batch's manifest rows.
+    """
     array = image.numpy()
     if array.shape[0] == 1:
         pil = Image.fromarray(array[0], mode="L")
@@ -68,7 +87,10 @@ def save_png_atomic(image: torch.Tensor, path: Path) -> None:
     else:
         raise ValueError(f"cannot write a {array.shape[0]}-channel image as PNG: {path}")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pil.save(tmp, format="PNG")
+    with tmp.open("wb") as handle:
+        pil.save(handle, format="PNG")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -297,6 +319,7 @@ class SyntheticImageWriter(BasePredictionWriter):
                     "path": relative,
                 }
             )
+        fsync_dir(self.images_dir)  # the renames are durable before the rows that name them
         shard = self._open_shard(trainer.global_rank)
         csv.DictWriter(shard, fieldnames=MANIFEST_COLUMNS).writerows(rows)
         shard.flush()

@@ -86,16 +86,63 @@ def unwrap_state_dict(obj: Any, key: str | None = None, where: str = "checkpoint
     return state
 
 
-def load_adm_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, Tensor]:
-    """Load `path` with `weights_only=True` (never arbitrary unpickling) and unwrap the state dict."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+def _torch_format(head: bytes) -> bool:
+    """Whether a file starts like what `torch.save` writes: a zip archive or (legacy) a binary pickle."""
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[257:262] == b"ustar"
+
+
+def _check_checkpoint_bytes(path: Path) -> bytes:
+    """Refuse an empty file or a Git LFS pointer up front (torch says `EOFError` or blames custom objects)."""
+    size = path.stat().st_size
+    if size == 0:
         raise ValueError(
+            f"{path} is empty (0 bytes), not a checkpoint: an interrupted download or copy? Fetch it again"
+        )
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(
+            f"{path} is a Git LFS pointer ({size} bytes), not the weights: fetch them (`git lfs pull`) or "
+            "download the .pt file itself"
+        )
+    return head
+
+
+def _load_error(path: Path, head: bytes, err: Exception) -> ValueError:
+    """What a `torch.load` failure means for the user: custom objects, not a checkpoint, or a broken file."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+    detail = detail or type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in detail:
+        return ValueError(
             f"{path}: refused to load — it needs more than weights_only unpickling (tensors, dicts, lists, "
             f"numbers), i.e. it contains custom objects. Re-save its state dict with torch.save(sd, path) "
-            f"in the environment that made it. ({str(err).splitlines()[0]})"
-        ) from err
+            f"in the environment that made it. ({detail})"
+        )
+    if not _torch_format(head):
+        kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]) else "binary data"
+        return ValueError(
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or a binary pickle), this "
+            f"file is {kind} starting with {head[:24]!r}"
+        )
+    return ValueError(
+        f"{path} is not a readable PyTorch checkpoint — truncated or corrupted ({detail}); copy or download "
+        "it again and compare its size or sha256 with the source"
+    )
+
+
+def load_adm_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, Tensor]:
+    """Load `path` with `weights_only=True` (never arbitrary unpickling) and unwrap the state dict.
+
+    An empty, truncated or non-checkpoint file is a `ValueError` saying so: torch reports those as a bare
+    `EOFError`, a zip reader's `RuntimeError`, or the "weights only load failed" it gives custom objects.
+    """
+    path = Path(path)
+    head = _check_checkpoint_bytes(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files; each named in the message
+        raise _load_error(path, head, err) from err
     return unwrap_state_dict(obj, key, where=str(path))
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,28 @@ def load_unet_export(export_dir: str | os.PathLike) -> tuple[UNet2DModel, dict[s
             "(run the diffusion stage first: diffinject fit --config configs/<dataset>/diffusion.yaml)"
         )
     info = read_export_info(info_path)
-    unet = UNet2DModel.from_pretrained(path, local_files_only=True)
+    unet = UNet2DModel.from_pretrained(path, local_files_only=True, use_safetensors=uses_safetensors(path))
     return unet, info
+
+
+def uses_safetensors(path: Path) -> bool:
+    """Whether an export's weights are safetensors; a pickled `.bin` alone loads with a warning.
+
+    With safetensors present nothing is unpickled (`use_safetensors=True` never falls back to a `.bin`
+    beside it). diffusers reads a `.bin` with `torch.load(weights_only=True)`, so a crafted payload is
+    refused rather than run; the warning is for the format, which newer diffusers may stop reading.
+    """
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(path.glob("*.bin"))
+    if pickled:
+        warnings.warn(
+            f"{path}: loading pickled weights {pickled[0].name} (weights_only: tensors only, no code runs); "
+            "re-save them as safetensors (UNet2DModel.save_pretrained(dir, safe_serialization=True))",
+            stacklevel=3,
+        )
+        return False
+    raise FileNotFoundError(f"{path} holds no UNet weights (*.safetensors or *.bin beside config.json)")
 
 
 def read_export_info(info_path: str | os.PathLike) -> dict[str, Any]:

@@ -123,7 +123,12 @@ class ReweightedDebiasModule(ClassifierModule):
 
     def on_fit_start(self) -> None:
         """Allocate the per-sample state on the training device (restored when resuming); run or read the
-        BiasEnsemble committee (cached in the run folder, so a resumed fit does not retrain it)."""
+        BiasEnsemble committee (cached in the run folder, so a resumed fit does not retrain it).
+
+        A resumed checkpoint whose EMAs do not match the training set (another size: the data changed) is
+        refused rather than skipped: fresh EMAs would restart every per-sample loss mid-training (first
+        visit = raw loss) and change W from what an uninterrupted run computes, silently another method.
+        """
         n = self.num_train or 0
         self.ema = {
             "loss_b": torch.zeros(n, device=self.device),
@@ -132,11 +137,18 @@ class ReweightedDebiasModule(ClassifierModule):
             "seen_d": torch.zeros(n, device=self.device),
             "label": torch.full((n,), -1, dtype=torch.long, device=self.device),
         }
-        restored = self._restored_ema
-        if restored and all(restored[k].shape == self.ema[k].shape for k in self.ema if k in restored):
-            for key, value in restored.items():
+        restored, self._restored_ema = self._restored_ema, {}
+        wrong = {k: tuple(v.shape) for k, v in restored.items() if k in self.ema and v.shape != (n,)}
+        if wrong:
+            shapes = ", ".join(f"{k} {shape}" for k, shape in wrong.items())
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint being resumed holds per-sample loss EMAs for another "
+                f"training set ({shapes}; this data module has {n} training images, shape ({n},)). Resume "
+                "with the data it was trained on, or start the fit afresh (without --ckpt_path)"
+            )
+        for key, value in restored.items():
+            if key in self.ema:
                 self.ema[key].copy_(value.to(self.device))
-        self._restored_ema = {}
         if self.ensemble is not None:
             self._start_ensemble(n)
 

@@ -9,6 +9,7 @@ root, per seed for per-seed stages.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ ALL_STAGES = (*BASELINES, "bias", "diffusion", "inject", "debias")
 DEFAULT_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
 #: data modules whose imbalance is a `ratio`; the folder datasets take a `pct` folder name instead.
 RATIO_DATASETS = ("cmnist", "ccifar10")
+#: the top-level keys a `--variant` file may have: the stages, and `topk` (the bias stage's top-K predict)
+VARIANT_KEYS = (*ALL_STAGES, "topk")
 
 
 def pct_to_ratio(pct: str) -> float:
@@ -117,12 +120,75 @@ def set_data_args(config: dict[str, Any], dataset: str, pct: str, data_root: str
         init["root"] = data_root
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """A YAML file's content; non-UTF-8 bytes or a syntax error is a `ValueError` naming the file and line.
+
+    PyYAML's own errors name "<unicode string>", not the file, and a decode error names neither.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    loaded = yaml.safe_load(path.read_text()) or {}
+        raise FileNotFoundError(f"{what} {path} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context, begun = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and begun is not None and mark is not None and begun.line != mark.line:
+            context += f" begun at line {begun.line + 1}"  # where an unclosed bracket or quote opened
+        problem = getattr(error, "problem", None) or str(error)
+        detail = f"{context}: {problem}" if context else problem
+        raise ValueError(f"{what} {path}{where}: not valid YAML ({detail})") from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_variant(path: Path) -> dict[str, Any]:
+    """A `--variant` file, checked: a mapping of known stage names to mappings of overrides (or nothing).
+
+    Unchecked, a misspelt stage (`biass:`) is never looked up and the run silently uses the defaults, and a
+    section that is a list fails later as a bare `AttributeError`. Every problem names the file and line.
+    """
+    loaded = read_yaml(path, "variant file")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"variant file {path}: expected a mapping of stage → overrides at the top level (e.g. `inject:` "
+            f"with indented keys below it), got a {type(loaded).__name__}"
+        )
+    node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    pairs = getattr(node, "value", [])
+    lines = {k.value: k.start_mark.line + 1 for k, _ in pairs if isinstance(k, yaml.ScalarNode)}
+    problems = []
+    for key, section in loaded.items():
+        where = f"variant file {path}, line {lines.get(str(key), '?')}"
+        if key not in VARIANT_KEYS:
+            near = difflib.get_close_matches(str(key), VARIANT_KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(
+                f"{where}: unknown stage {key!r}{hint}; the top-level keys of a variant are stages: "
+                + ", ".join(VARIANT_KEYS)
+            )
+        elif section is not None and not isinstance(section, dict):
+            problems.append(
+                f"{where}: the {key!r} section must be a mapping of overrides (e.g. `model:` → `init_args:` "
+                f"→ `gamma: 0.5`), got a {type(section).__name__}"
+            )
+    if problems:
+        raise ValueError("\n  ".join(problems))
     return loaded
 
 
@@ -210,7 +276,7 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
             f"{opts.profile}.yaml (profiles: {', '.join(PROFILES)})"
         )
     for variant in opts.variants:
-        config = deep_merge(config, load_yaml(Path(variant)).get(name))
+        config = deep_merge(config, load_variant(Path(variant)).get(name))
     config = relocate(config, path_mover(opts.dataset, opts.root, seed))
     set_data_args(config, opts.dataset, opts.pct, opts.data_root)
     return config

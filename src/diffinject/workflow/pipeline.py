@@ -15,12 +15,14 @@ for `DATASET=folder` the facts read from the tree) and written into the stage fo
 What is skipped, resumed or rebuilt is decided from the stage folders' records (`workflow.runner`), so it
 holds across invocations; the dataset and every input of the planned stages are checked before any stage
 starts (`workflow.preflight`, exit code 2), and a failed stage ends the run with a one-screen summary
-(exit code 1).
+(exit code 1). One pipeline at a time per run root: a second one on the same root stops before touching any
+stage, naming the holder (`workflow.lock`, exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffinject.logs import quiet_known_noise
 from diffinject.workflow.configs import (
     ALL_STAGES,
     BASELINES,
@@ -42,6 +45,7 @@ from diffinject.workflow.configs import (
     stage_config,
 )
 from diffinject.workflow.folder import HEADLINES
+from diffinject.workflow.lock import LockHeld, pipeline_lock
 from diffinject.workflow.preflight import CannotStart, check_dataset, check_handovers
 from diffinject.workflow.runner import CONFIG_NAME, Runner, Step, StepFailed, failure_summary
 from diffinject.workflow.sections import source_data_section
@@ -242,11 +246,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     parser.add_argument("--no-report", action="store_true", help="stop after the stages")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=os.environ.get("DIFFINJECT_VERBOSE", "") not in ("", "0"),
+        help="all stage output on the terminal too (make: VERBOSE=1): as it comes with one job, line by line "
+        "after the stage's name with several. Default: it goes whole to the stage folder's pipeline.log; the "
+        "terminal gets one line per stage, a heartbeat with the stage's progress about once a minute, and "
+        "warnings",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=None,
         help="steps run at once (default: 2 on CPU, where each process uses one thread; 1 on GPU). With more "
-        "than one, each step's output goes to its folder's pipeline.log and one line per stage is printed.",
+        "than one, --verbose prints stage output line by line, after the stage's name.",
     )
     args = parser.parse_args(argv)
     opts = Options(
@@ -276,15 +289,26 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Plan, check, run, report. Exit code 2: a problem found before any stage started (no traceback);
-    1: a stage failed (one-screen summary)."""
+    """Plan, check, run, report. Exit code 2: a problem found before any stage started (no traceback), or
+    another pipeline holds the run root (`workflow.lock`); 1: a stage failed (one-screen summary)."""
+    with contextlib.ExitStack() as held:  # the run root's lock, taken once the checks pass
+        _main(argv, held)
+
+
+def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> None:
     opts, args = parse_args(argv)
+    quiet_known_noise()  # the report loads the UNet in this process (diffusers' accelerate hint)
     started = time.perf_counter()
     try:
         steps = plan(opts)
         check_dataset(opts)
         check_handovers(steps, opts.root)
-    except (CannotStart, FileNotFoundError, ValueError) as error:
+        if not args.dry_run:  # a dry run writes nothing: it needs no lock
+            command = ["python", "-m", "diffinject.workflow.pipeline"]
+            command += sys.argv[1:] if argv is None else argv
+            held.enter_context(pipeline_lock(opts.root, command))
+            steps = plan(opts)  # again, under the lock: a run that just ended may have left checkpoints
+    except (CannotStart, LockHeld, FileNotFoundError, ValueError) as error:
         print(f"[pipeline] cannot start: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if opts.dataset == "folder":
@@ -307,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif jobs > 1:
         steps.sort(key=lambda step: step.stage != "diffusion")
     runner = Runner(steps, opts.root / "timings.json", dry_run=args.dry_run, jobs=jobs, root=opts.root)
+    runner.verbose = args.verbose
     try:
         timings = runner.run()
     except StepFailed:

@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from diffinject.report import write_report
 from diffinject.workflow import pipeline
-from diffinject.workflow.configs import BASELINES, EXTRA_BASELINES, PER_SEED_STAGES, load_yaml
+from diffinject.workflow.configs import BASELINES, EXTRA_BASELINES, PER_SEED_STAGES, load_variant
+from diffinject.workflow.lock import LockHeld, pipeline_lock
 
 #: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
 DOWNSTREAM = {
@@ -154,6 +156,29 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_variant(
+    file: str,
+    variant: dict[str, Any],
+    root: Path,
+    running: Sequence[str],
+    base: Path,
+    study_runs: Path,
+    args: argparse.Namespace,
+) -> None:
+    """Link the shared stages into the variant's root, then run its pipeline (or only report it)."""
+    link_shared(base, root, args.seeds, running)
+    print(f"[study] {Path(file).stem}: stages {' '.join(running)}", flush=True)
+    common = ["--dataset", args.dataset, "--pct", args.pct, "--profile", args.profile]
+    common += ["--trainer", args.trainer, "--runs", str(study_runs), "--variant", file]
+    common += ["--seeds", *map(str, args.seeds), "--stages", *running]
+    if args.jobs is not None:
+        common += ["--jobs", str(args.jobs)]
+    if running:
+        pipeline.main(common)
+    else:  # no override: the base run itself, reported from its links
+        write_report(root, seeds=args.seeds)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     description = __doc__.split("\n\n")[0]
     parser = argparse.ArgumentParser(prog="python -m diffinject.workflow.study", description=description)
@@ -168,24 +193,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base = Path(args.runs) / args.dataset / args.pct
     out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
+    try:  # every file checked before the first variant runs (hours before a typo in the last one)
+        variants = {file: load_variant(Path(file)) for file in args.variants}
+        for variant in variants.values():
+            stages_to_run(variant)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"[study] cannot start: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    for file in args.variants:
+    command = ["python", "-m", "diffinject.workflow.study", *(sys.argv[1:] if argv is None else argv)]
+    for file, variant in variants.items():
         name = Path(file).stem
-        variant = load_yaml(Path(file))
         running = stages_to_run(variant)
         study_runs = Path(args.runs) / "study" / name
         root = study_runs / args.dataset / args.pct
-        link_shared(base, root, args.seeds, running)
-        print(f"[study] {name}: stages {' '.join(running)}", flush=True)
-        common = ["--dataset", args.dataset, "--pct", args.pct, "--profile", args.profile]
-        common += ["--trainer", args.trainer, "--runs", str(study_runs), "--variant", file]
-        common += ["--seeds", *map(str, args.seeds), "--stages", *running]
-        if args.jobs is not None:
-            common += ["--jobs", str(args.jobs)]
-        if running:
-            pipeline.main(common)
-        else:  # no override: the base run itself, reported from its links
-            write_report(root, seeds=args.seeds)
+        try:  # the variant's root, held across linking and its pipeline (which re-enters the lock)
+            with pipeline_lock(root, command):
+                run_variant(file, variant, root, running, base, study_runs, args)
+        except LockHeld as error:
+            print(f"[study] cannot run {name}: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         results = json.loads((root / "report" / "results.json").read_text())
         # Rows of earlier (or concurrent) invocations stay; a variant run again replaces its own row.
         rows = [row for row in read_rows(out) if row["variant"] != name] + [row_of(name, variant, results)]
