@@ -217,3 +217,10 @@ def test_folder_module_applies_the_control(tmp_path: Path) -> None:
         assert cls(synthetic_control="shuffle_labels").synthetic_control == "shuffle_labels"
         with pytest.raises(ValueError, match="synthetic_control must be one of"):
             cls(synthetic_control="uniform")
+
+
+def test_uniform_colour_control_on_an_empty_accepted_set() -> None:
+    """The gate may accept no image: the colour-field control is then empty too, not a crash (5 % study)."""
+    from diffinject.data.synthetic import uniform_colour_images
+
+    assert uniform_colour_images(np.zeros(0, dtype=np.int64), 3, 28).shape == (0, 3, 28, 28)

@@ -192,9 +192,9 @@ def uniform_colour_images(
 ) -> torch.Tensor:
     """uint8 N×C×H×W colour fields, row r's colour uniform in [0, 1]^C from (seed, indices[r]), rounded to
     8 bits. The pixels are an expanded view of the N×C colours, so no image-sized memory is allocated."""
-    colours = np.stack(
-        [np.random.default_rng([seed, int(i) % 2**63]).random(channels) for i in indices]
-    ).reshape(len(indices), channels)
+    rows = [np.random.default_rng([seed, int(i) % 2**63]).random(channels) for i in indices]
+    # an empty manifest (the gate accepted none) gives an empty set, like the generator's own rows
+    colours = np.stack(rows).reshape(len(rows), channels) if rows else np.zeros((0, channels))
     colours_u8 = torch.from_numpy(np.rint(colours * 255.0).astype(np.uint8))
     return colours_u8[:, :, None, None].expand(-1, -1, image_size, image_size)
 
