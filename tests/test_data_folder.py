@@ -90,8 +90,9 @@ def test_reads_tree_with_items_labels_and_order(tmp_path: Path) -> None:
     item = train[3]
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32  # resized 8 -> 16
     assert (item["label"], item["bias"], item["index"]) == (1, 0, 3)
-    # paths are stored, pixels are not: decoding happens in the loader workers
-    assert not hasattr(train, "images")
+    # decoded once (issue 20 §3): a small split is one uint8 tensor, in the file order above
+    assert isinstance(train.pixels, torch.Tensor) and train.pixels.dtype == torch.uint8
+    assert train.pixels.shape == (6, 3, 16, 16)
 
 
 def test_valid_at_dataset_level_and_flat_eval_folders(tmp_path: Path) -> None:
