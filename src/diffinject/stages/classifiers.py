@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from diffinject.metrics import (
     to_floats,
 )
 from diffinject.nets import build_classifier
+from diffinject.stages.selection import promote_last_epoch
 from diffinject.stages.weights import CHECKPOINT_KEY, load_classifier_checkpoint
 
 Batch = dict[str, torch.Tensor]
@@ -290,22 +290,17 @@ class ClassifierModule(LightningModule):
         if not last_path.is_file() or not keep_last_epoch(best_score, float(last_score), last_se, margin):
             return
         if self.trainer.is_global_zero:
-            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-            record = checkpoint.setdefault(CHECKPOINT_KEY, {})
-            if record.get("epoch") != self.val_summary.get("epoch"):
+            selection = {
+                "rule": "last epoch (best within margin)",
+                "best_score": best_score,
+                "last_score": float(last_score),
+                "last_se": float(last_se),
+                "margin_se": margin,
+            }
+            epoch = self.val_summary.get("epoch")
+            if not promote_last_epoch(last_path, best.best_model_path, epoch, selection):
                 rank_zero_warn(f"{last_path} is not the final epoch's; best.ckpt left as it is")
             else:
-                record["selection"] = {
-                    **record.get("selection", {}),
-                    "rule": "last epoch (best within margin)",
-                    "best_score": best_score,
-                    "last_score": float(last_score),
-                    "last_se": float(last_se),
-                    "margin_se": margin,
-                }
-                tmp = last_path.with_name(".best.ckpt.tmp")
-                torch.save(checkpoint, tmp)
-                shutil.move(tmp, best.best_model_path)
                 rank_zero_info(
                     f"{type(self).__name__}: the best epoch ({PSEUDO_BALANCED} {best_score:.4f}) is within "
                     f"{margin:g} standard errors ({last_se:.4f}) of the last ({float(last_score):.4f}): "
