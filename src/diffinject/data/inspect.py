@@ -40,6 +40,8 @@ class FolderFacts:
     test: int
     sizes: dict[str, int] = field(default_factory=dict)  # "WxH" → count among the inspected headers
     modes: dict[str, int] = field(default_factory=dict)  # PIL mode → count among the inspected headers
+    #: the test split as scanned here: the preflight decodes these without scanning (and warning) again
+    test_paths: list[Path] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def conflicting_share(self) -> float:
@@ -53,7 +55,8 @@ class FolderFacts:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        payload = {k: v for k, v in asdict(self).items() if k != "test_paths"}  # a count is enough there
+        return json.dumps(payload, indent=2, sort_keys=True) + "\n"
 
 
 def _headers(paths: list[Path], limit: int) -> tuple[Counter, Counter]:
@@ -156,4 +159,5 @@ def inspect_folder(
         test=len(test.paths),
         sizes=dict(sizes.most_common()),
         modes=dict(modes.most_common()),
+        test_paths=list(test.paths),
     )

@@ -75,13 +75,14 @@ def check_dataset(opts: Options) -> None:
     try:
         if opts.dataset == "folder":
             channels = opts.facts.channels  # reads the whole tree; every layout rule is checked there
-            layout = FolderLayout(root, opts.folder_name, opts.pct)
+            test = FolderLayout(root, opts.folder_name, opts.pct).test_dir()
+            test_paths = opts.facts.test_paths
         else:
             layout = FolderLayout(root, SOURCES[opts.dataset][0], opts.pct)
             layout.train_dirs(), layout.valid_dir()
             channels = 3
-        test = layout.test_dir()
-        test_paths = scan_images([test], f"test split {test}").paths
+            test = layout.test_dir()
+            test_paths = scan_images([test], f"test split {test}").paths
     except (FileNotFoundError, ValueError) as error:
         raise CannotStart(_data_help(opts, str(error))) from error
     check_test_pixels(test_paths, channels, bad_image_policy(opts), test)
