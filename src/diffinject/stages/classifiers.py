@@ -286,6 +286,8 @@ class ClassifierModule(LightningModule):
         if last_score is None or last_se is None or self.trainer.sanity_checking:
             return
         best_score, margin = float(best.best_model_score), float(self.hparams.get("selection_margin_se", 0.0))
+        if margin <= 0:  # margin 0 turns the rule off: best.ckpt stays the plain maximum, ties included
+            return
         last_path = Path(best.dirpath) / "last.ckpt"
         if not last_path.is_file() or not keep_last_epoch(best_score, float(last_score), last_se, margin):
             return
