@@ -4,8 +4,8 @@ The gate (`diffinject.callbacks.injection_check`) judges every written image wit
 model's p of the style's class vs `gate_min_confidence`, content retention) and records its decision in
 `gate.csv`; that `accepted` column is what is scored here, whatever rule version wrote it.
 Here every written image is also judged by the report's CMNIST ground-truth measurements
-(`diffinject.report.analysis`, fed as `diffinject.report.synthetic.analyse_seed` feeds them), reading bias
-labels for analysis only:
+(`diffinject.measures.synthetic_set`, fed as `diffinject.report.synthetic.analyse_seed` feeds
+them), reading bias labels for analysis only:
 
 - `good`: a true new combination in the direction the label rule asks for, per image exactly as
   `recombination_stats` defines it (label from the content: the shape probe reads the content's digit,
@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from diffinject.callbacks.injection_check import CHECK_FILENAME, GATE_COLUMNS, GATE_FILENAME
-from diffinject.report import analysis
+from diffinject.callbacks.gate import GATE_COLUMNS, GATE_FILENAME
+from diffinject.callbacks.injection_check import CHECK_FILENAME
+from diffinject.measures import synthetic_set
 from diffinject.report.inputs import mean_std, numeric_leaves, read_json
 from diffinject.report.synthetic import (
     DataBundle,
@@ -105,7 +106,7 @@ def recombination_mask(
     if label_from is None or any(cols[name] is None for name in names):
         return None
     values = [
-        analysis.recombination_stats(
+        synthetic_set.recombination_stats(
             shape[i : i + 1], colour[i : i + 1], *(cols[name][i : i + 1] for name in names), label_from
         )["recombination"]
         for i in range(len(shape))
@@ -113,10 +114,10 @@ def recombination_mask(
     return np.asarray(values, dtype=float) == 1.0
 
 
-def subset_manifest(manifest: analysis.Manifest, keep: np.ndarray) -> analysis.Manifest:
+def subset_manifest(manifest: synthetic_set.Manifest, keep: np.ndarray) -> synthetic_set.Manifest:
     """The manifest's rows at positions `keep` (the rows the gate judged)."""
     columns = {k: (v[keep] if v is not None else None) for k, v in manifest.columns.items()}
-    return analysis.Manifest(manifest.path, columns, [manifest.images[i] for i in keep])
+    return synthetic_set.Manifest(manifest.path, columns, [manifest.images[i] for i in keep])
 
 
 def gate_threshold(inject: Path) -> float:
@@ -159,7 +160,7 @@ def measure_seed(
         )
         return None, None
     gate = read_gate(gate_path)
-    manifest = analysis.read_manifest(manifest_path)
+    manifest = synthetic_set.read_manifest(manifest_path)
     data = load_data(root, seed, data_cache, notes)
     if data is None:
         notes.append(f"seed {seed}: skipped, training data could not be rebuilt")
@@ -187,11 +188,15 @@ def measure_seed(
     moved = np.array([r["p_style_class"] >= threshold for r in rows], dtype=bool)
     retained = np.array([r["retained"] for r in rows], dtype=bool)
 
-    images = analysis.load_images(manifest.images, data.channels)
+    images = synthetic_set.load_images(manifest.images, data.channels)
     probe, probe_meta = shape_probe(data, cache_dir)
-    shape = analysis.probe_predict(probe, analysis.shape_gray(images)) if len(images) else np.zeros(0, int)
+    shape = (
+        synthetic_set.probe_predict(probe, synthetic_set.shape_gray(images))
+        if len(images)
+        else np.zeros(0, int)
+    )
     estimated, distances = (
-        analysis.nearest_palette(analysis.foreground_colour(images))
+        synthetic_set.nearest_palette(synthetic_set.foreground_colour(images))
         if len(images)
         else (np.zeros(0, int), np.zeros(0))
     )
@@ -199,7 +204,7 @@ def measure_seed(
     if label_from is None and cols["content_label"] is not None:  # as analyse_seed infers it
         label_from = "content" if np.array_equal(cols["label"], cols["content_label"]) else "style"
     # not off-palette, as colour_stats counts it (images without a foreground have no colour: not close)
-    palette_close = (estimated >= 0) & ~(np.nan_to_num(distances, nan=0.0) > analysis.palette_margin())
+    palette_close = (estimated >= 0) & ~(np.nan_to_num(distances, nan=0.0) > synthetic_set.palette_margin())
     targets = {
         "good": recombination_mask(shape, estimated, cols, label_from),
         "palette_close": palette_close,

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 
 from diffinject.data import CMNISTDataModule
-from diffinject.injection_check import injection_check
-from diffinject.report import analysis
+from diffinject.measures import synthetic_set
+from diffinject.measures.injection_check import injection_check
 from diffinject.stages.inject import InjectionPredictModule
 from injection_check_rank import spearman  # the sibling benchmark (this folder is on sys.path)
 
 
 def probe_row(synthetic: np.ndarray, probe, content, style, labels, biases) -> dict[str, float]:
     """The probe's fractions for synthetic images [N, 3, H, W] in [0, 1] made from (content, style)."""
-    colour = analysis.estimate_colour_classes(synthetic)
-    shape = analysis.probe_predict(probe, analysis.shape_gray(synthetic))
+    colour = synthetic_set.estimate_colour_classes(synthetic)
+    shape = synthetic_set.probe_predict(probe, synthetic_set.shape_gray(synthetic))
     c_shape, s_shape = shape == labels[content], shape == labels[style]
     c_col, s_col = colour == biases[content], colour == biases[style]
     return {
@@ -72,7 +72,7 @@ def main() -> None:
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     labels = np.array([train[i]["label"] for i in range(len(train))])
     biases = np.array([train[i]["bias"] for i in range(len(train))])
-    probe = analysis.train_shape_probe(analysis.shape_gray(images.numpy()), labels, num_classes=10)
+    probe = synthetic_set.train_shape_probe(synthetic_set.shape_gray(images.numpy()), labels, num_classes=10)
 
     rng = np.random.default_rng(args.seed)
     content = rng.choice(len(train), args.pairs, replace=False)

@@ -3,10 +3,10 @@
 For each finished inject folder (e.g. the study variants' `runs/study/<variant>/cmnist/1pct/seed0/inject`)
 it prints one JSON line with the check's figures and, for CMNIST, the probe's figures on the same samples
 (the first n rows by index, n = the check's): the colour estimator and the colour-free shape probe of
-`diffinject.report.analysis` (as `benchmarks/hspace_probe.py` uses them); bias labels are read here only to
-validate. The last line holds the Spearman rank correlations across folders between the check's figures and
-the probe's "content shape + style colour" rate (and component-wise: bias moved vs colour = style,
-retention vs shape = content).
+`diffinject.measures.synthetic_set` (as `benchmarks/hspace_probe.py` uses them); bias labels are read
+here only to validate. The last line holds the Spearman rank correlations across folders between the
+check's figures and the probe's "content shape + style colour" rate (and component-wise: bias moved vs
+colour = style, retention vs shape = content).
 
 The check comes from the folder's `injection_check.json`; when that is missing (a run made before the check
 existed) or with `--recompute`, it is computed here from the folder's `pipeline_config.yaml`: its U-Net, its
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from diffinject.callbacks.injection_check import CHECK_FILENAME, check_folder
-from diffinject.injection_check import DEFAULT_FEATURE_T
+from diffinject.data.sections import source_data_section
+from diffinject.measures import synthetic_set
+from diffinject.measures.injection_check import DEFAULT_FEATURE_T
 from diffinject.nets.unet import load_unet_export
-from diffinject.report import analysis
 from diffinject.report.inputs import read_yaml, stage_config_path
 from diffinject.report.synthetic import DataBundle, build_data, images_at, labels_of
 from diffinject.stages.weights import load_classifier_checkpoint
-from diffinject.workflow.sections import source_data_section
 
 PROBE_TARGET = "content shape + style colour"
 #: (check figure, probe figure) pairs whose rank correlation across folders is reported
@@ -88,12 +88,12 @@ def compute_check(folder: Path, config: dict[str, Any], data: DataBundle, max_sa
 
 
 def probe_figures(folder: Path, n: int, data: DataBundle, probe: torch.nn.Module) -> dict[str, float]:
-    manifest = analysis.read_manifest(folder / "manifest.csv")
+    manifest = synthetic_set.read_manifest(folder / "manifest.csv")
     order = np.argsort(manifest.columns["index"], kind="stable")[:n]
     cols = {k: v[order] for k, v in manifest.columns.items() if v is not None}
-    images = analysis.load_images([manifest.images[i] for i in order], data.channels)
-    colour = analysis.estimate_colour_classes(images)
-    shape = analysis.probe_predict(probe, analysis.shape_gray(images))
+    images = synthetic_set.load_images([manifest.images[i] for i in order], data.channels)
+    colour = synthetic_set.estimate_colour_classes(images)
+    shape = synthetic_set.probe_predict(probe, synthetic_set.shape_gray(images))
     labels = labels_of(data.train)
     content_label, style_label = labels[cols["content_index"]], labels[cols["style_index"]]
     c_shape, s_shape = shape == content_label, shape == style_label
@@ -143,8 +143,10 @@ def main() -> None:
         row: dict[str, Any] = {"folder": str(folder), "check_source": source, "check": check}
         if data.name == "cmnist" and check.get("n"):
             if data.key not in probes:
-                gray = analysis.shape_gray(images_at(data.train, np.arange(len(data.train))))
-                probes[data.key] = analysis.train_shape_probe(gray, labels_of(data.train), data.num_classes)
+                gray = synthetic_set.shape_gray(images_at(data.train, np.arange(len(data.train))))
+                probes[data.key] = synthetic_set.train_shape_probe(
+                    gray, labels_of(data.train), data.num_classes
+                )
             row["probe"] = probe_figures(folder, int(check["n"]), data, probes[data.key])
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
+from diffinject.data.sections import source_data_section
 from diffinject.workflow.configs import relocate
-from diffinject.workflow.sections import source_data_section
 
 RECORD = ".oracle_fit.json"
 METRICS = {"overall": "test/acc", "aligned": "test/acc_aligned", "conflicting": "test/acc_conflicting"}

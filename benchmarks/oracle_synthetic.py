@@ -36,8 +36,8 @@ from PIL import Image
 from cmnist_synthetic_colour import colour_class  # sibling benchmarks: this folder is on sys.path
 from diffinject.callbacks.synthetic_writer import save_png_atomic, write_manifest_atomic
 from diffinject.data.cmnist import CMNISTDataModule, colorize, sample_colors
+from diffinject.data.sections import source_data_section
 from diffinject.report.synthetic import NON_DATA_ARGS, images_at, resolve_class
-from diffinject.workflow.sections import source_data_section
 from oracle_fit import fit_oracle, stage_accuracies
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@
 
 For Colored MNIST only: S-step deterministic DDIM (η = 0) samples from seeded Gaussian noise, read by the
 shape probe (trained on colour-free training digits, task labels only, `num_samples` training images held
-out) and the palette colour estimator (`diffinject.sample_quality`). Prints the samples' recognised rate,
-palette-close rate and Fréchet distance in the probe's feature space, each beside the held-out real
-images' own value (`real_recognised`, `real_palette_close`, `frechet_floor`), plus the seconds spent.
-Measurement only: nothing is selected by it.
+out) and the palette colour estimator (`diffinject.measures.sample_quality`). Prints the samples'
+recognised rate, palette-close rate and Fréchet distance in the probe's feature space, each beside the
+held-out real images' own value (`real_recognised`, `real_palette_close`, `frechet_floor`), plus the
+seconds spent. Measurement only: nothing is selected by it.
 
     python benchmarks/sample_quality.py --unet runs/cmnist/1pct/diffusion/unet --samples 256 --steps 50
     python benchmarks/sample_quality.py --real-only     # the real images' own figures, no UNet needed
@@ -21,8 +21,8 @@ import torch
 
 from diffinject.data import CMNISTDataModule
 from diffinject.diffusion import linear_alphas_cumprod
+from diffinject.measures.sample_quality import build_reference, dataset_arrays, sample_unconditional
 from diffinject.nets.unet import load_unet_export
-from diffinject.sample_quality import build_reference, dataset_arrays, sample_unconditional
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffinject.cli import main as cli_main
-from diffinject.metrics import (
+from diffinject.measures.metrics import (
     SELECTION_MARGIN_SE,
     PseudoGroupAccuracy,
     keep_last_epoch,

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
-from diffinject.losses import gce_loss
 from diffinject.nets import build_classifier
 from diffinject.stages import BiasClassifier, DebiasClassifier, VanillaClassifier
 from diffinject.stages.classifiers import check_data_compatibility
+from diffinject.stages.losses import gce_loss
 from diffinject.stages.weights import load_classifier_checkpoint
 
 ARGS = {"arch": "mlp", "num_classes": 3, "in_channels": 3, "image_size": 6}

@@ -234,9 +234,9 @@ def test_unknown_wrapper_asks_for_key() -> None:
 def test_six_channel_export_feeds_samplers_and_checks(converted: tuple[ADMReference, Path, Path]) -> None:
     """The other readers of an export take ε from the first in_channels of a learned-variance output."""
     from diffinject.diffusion import linear_alphas_cumprod
-    from diffinject.injection_check import bottleneck_h
+    from diffinject.measures.injection_check import bottleneck_h
+    from diffinject.measures.sample_quality import sample_unconditional
     from diffinject.report.samples import unconditional_samples
-    from diffinject.sample_quality import sample_unconditional
 
     _, _, export = converted
     unet, _ = load_unet_export(export)

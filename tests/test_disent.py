@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffinject.losses import bias_branch_loss, gce_loss
 from diffinject.nets import DisEntNet
 from diffinject.stages import DisEntClassifier
 from diffinject.stages.disent import disent_loss_terms, disent_lr_factor
+from diffinject.stages.losses import bias_branch_loss, gce_loss
 from test_classifiers import ARGS, TinyBiasedDataModule, tiny_trainer
 
 

@@ -13,17 +13,19 @@ import yaml
 from torch import nn
 
 from diffinject.callbacks import InjectionCheck
-from diffinject.callbacks.injection_check import CHECK_FILENAME, gate_folder
+from diffinject.callbacks.gate import gate_folder, premise_verdict
+from diffinject.callbacks.injection_check import CHECK_FILENAME
 from diffinject.cli import main
 from diffinject.data import CMNISTDataModule
 from diffinject.diffusion import to_model_space
-from diffinject.injection_check import (
+from diffinject.measures.injection_check import (
     bias_kept_content,
     bias_moved,
     content_retention,
     content_scores,
     gate_samples,
     injection_check,
+    paired_accuracy,
     second_view_transfer,
 )
 from diffinject.nets import build_classifier
@@ -341,6 +343,10 @@ def test_callback_gate_writes_the_accepted_manifest_and_obeys_the_premise(
         assert premise["holds"] is (min_z < 0)  # z is large but finite: 100 standard errors are out of reach
         if min_z > 0:
             assert kept == [] and "premise failed" in check["gate"]["verdict"]
+        # the validation signal was computed (gate on, a second view): a model against itself never disagrees
+        validation = premise["validation"]
+        assert validation["n"] > 0 and validation["bias_only"] == validation["view_only"] == 0
+        assert validation["z"] == 0.0 and validation["bias_acc"] == validation["view_acc"]
     if min_z < 0 and not check["gate"]["content_lost"]:  # no premise bar: the per-image test alone decides
         assert kept == [row["index"] for row in judged if float(row["p_style_class"]) >= 0.5]
     if check["gate"]["content_lost"]:  # the verdict names the first reason: the premise, then the content
@@ -383,6 +389,55 @@ def test_gate_folder_rejects_the_set_when_the_second_view_ignores_the_edit(tmp_p
     # gate off: everything is used, the premise is still reported
     result = gate_folder(tmp_path, rows, ignores, False, 0.5, 2.0)
     assert result["accepted"] == 4 and result["premise"]["holds"] is False
+
+
+def test_paired_accuracy_is_mcnemar_over_the_discordant_images() -> None:
+    bias = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    view = torch.tensor([1, 0, 0, 0, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    result = paired_accuracy(bias, view)  # bias alone right on 3, the view alone on 1
+    assert result["bias_only"] == 3 and result["view_only"] == 1 and result["n"] == 10
+    assert result["bias_acc"] == 0.7 and result["view_acc"] == 0.5
+    assert result["z"] == pytest.approx((3 - 1) / 4**0.5)
+    assert paired_accuracy(view, bias)["z"] == pytest.approx(-1.0)
+    assert paired_accuracy(bias, bias)["z"] == 0.0  # never disagree: no evidence either way
+    with pytest.raises(ValueError, match="shapes differ"):
+        paired_accuracy(bias, view[:3])
+
+
+@pytest.mark.parametrize(
+    ("transfer_z", "val_z", "premise_val_z", "expected"),
+    [
+        (4.0, -3.0, 1.0, (True, "edits")),  # ERM clearly follows the edits: enough on its own
+        (2.2, 1.5, 1.0, (True, "validation")),  # CMNIST 5 %-like: weaker transfer, bias model wins on val
+        (2.8, -1.5, 1.0, (False, None)),  # texture-like: weaker transfer, bias model loses on val
+        (2.2, 1.0, 1.0, (False, None)),  # one standard error is not more than one (a single image's worth)
+        (2.2, 0.0, 0.0, (False, None)),  # a tie on validation is no evidence, whatever the threshold
+        (-0.5, 3.0, 1.0, (False, None)),  # ERM keeps the content: validation cannot rescue that
+        (2.2, 1.5, None, (False, None)),  # the validation signal turned off: the edits alone decide
+        (2.2, None, 1.0, (False, None)),  # not computed
+        (None, 1.5, 1.0, (None, None)),  # no informative edit: no verdict
+    ],
+)
+def test_premise_verdict_takes_either_signal(transfer_z, val_z, premise_val_z, expected) -> None:
+    validation = None if val_z is None else {"z": val_z}
+    assert premise_verdict(transfer_z, 3.5, validation, premise_val_z) == expected
+
+
+def test_gate_folder_accepts_on_validation_evidence_and_says_why_it_fails(tmp_path: Path) -> None:
+    rows = [{"index": str(i), "path": f"images/{i}.png", "label": "0"} for i in range(6)]
+    p, retained = [0.9] * 6, [True] * 6
+    # ERM follows 3 of the 5 informative moves and keeps the content on 2: z = 1/sqrt(...) < 3.5
+    weak = _judged(p, retained, [(2, 1, 2), (4, 3, 4), (6, 5, 6), (7, 7, 8), (9, 9, 10), (0, 0, 0)])
+    wins = {"n": 400, "bias_acc": 0.97, "view_acc": 0.96, "bias_only": 6, "view_only": 2, "z": 1.41}
+    loses = {"n": 400, "bias_acc": 0.88, "view_acc": 0.90, "bias_only": 9, "view_only": 16, "z": -1.4}
+    held = gate_folder(tmp_path, rows, weak, True, 0.5, 3.5, validation=wins)
+    assert held["premise"]["holds"] is True and held["premise"]["evidence"] == "validation"
+    assert held["accepted"] == 6 and held["premise"]["validation"] == wins
+    failed = gate_folder(tmp_path, rows, weak, True, 0.5, 3.5, validation=loses)
+    assert failed["premise"]["holds"] is False and failed["accepted"] == 0
+    assert "validation split (88.0% against 90.0%, z = -1.4)" in failed["verdict"]
+    off = gate_folder(tmp_path, rows, weak, True, 0.5, 3.5, validation=wins, premise_val_z=None)
+    assert off["premise"]["holds"] is False and off["premise"]["min_val_z"] is None
 
 
 def test_gate_off_accepts_everything_but_still_judges(workdir: Path) -> None:

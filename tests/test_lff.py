@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffinject.losses import classwise_max, ema_update, lff_weights
 from diffinject.stages import LfFClassifier
+from diffinject.stages.losses import classwise_max, ema_update, lff_weights
 from test_classifiers import ARGS, TinyBiasedDataModule, tiny_trainer
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffinject.metrics import GroupedAccuracy, PseudoGroupAccuracy, to_floats
+from diffinject.measures.metrics import GroupedAccuracy, PseudoGroupAccuracy, to_floats
 
 
 def test_grouped_accuracy_matches_a_hand_count() -> None:

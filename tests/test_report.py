@@ -15,7 +15,8 @@ from PIL import Image
 
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS, colorize
-from diffinject.report import analysis, json_safe, main, write_report
+from diffinject.measures import synthetic_set
+from diffinject.report import json_safe, main, write_report
 from diffinject.report.inputs import COLUMNS, COMPARED, METHODS, collect_method, collect_timings, knobs_of
 from diffinject.report.render import FEWER_NOTE, accuracy_plot, percent_of
 
@@ -371,7 +372,7 @@ def test_colour_estimator_recovers_bias_on_real_train_images() -> None:
     module = CMNISTDataModule(source="embedded", ratio=0.05)
     module.setup("fit")
     train = module.train_eval_dataset
-    estimated = analysis.estimate_colour_classes(train.images.numpy())
+    estimated = synthetic_set.estimate_colour_classes(train.images.numpy())
     accuracy = float((estimated == train.biases).mean())
     conflicting = train.labels != train.biases
     assert accuracy >= 0.98, accuracy
@@ -379,21 +380,23 @@ def test_colour_estimator_recovers_bias_on_real_train_images() -> None:
     noisy = np.clip(
         train.images.numpy() / 255.0 + np.random.default_rng(0).normal(0, 0.05, (3600, 3, 28, 28)), 0, 1
     )
-    assert float((analysis.estimate_colour_classes(noisy) == train.biases).mean()) >= 0.98  # noisy background
-    stats = analysis.colour_stats(estimated, train.labels)
+    assert (
+        float((synthetic_set.estimate_colour_classes(noisy) == train.biases).mean()) >= 0.98
+    )  # noisy background
+    stats = synthetic_set.colour_stats(estimated, train.labels)
     assert stats["conflict_rate"] == pytest.approx(conflicting.mean(), abs=0.02)
 
 
 def test_colour_stats_known_answer() -> None:
     labels = np.array([0, 1, 2, 3, 4])
     estimated = np.array([0, 5, 2, -1, 7])  # one without foreground, two conflicting out of four
-    stats = analysis.colour_stats(
+    stats = synthetic_set.colour_stats(
         estimated, labels, content_bias=np.array([0, 5, 2, 3, 9]), style_bias=-np.ones(5)
     )
     assert stats["conflict_rate"] == 0.5 and stats["num_without_foreground"] == 1
     assert stats["colour_is_content_colour"] == 0.75 and stats["colour_is_style_colour"] is None
     black = np.zeros((1, 3, 8, 8), dtype=np.uint8)
-    assert analysis.estimate_colour_classes(black).tolist() == [-1]
+    assert synthetic_set.estimate_colour_classes(black).tolist() == [-1]
 
 
 def test_recombination_stats_known_answer() -> None:
@@ -401,24 +404,26 @@ def test_recombination_stats_known_answer() -> None:
     content_label, style_label = np.array([1, 1, 2, 9]), np.array([5, 7, 6, 3])
     content_bias, style_bias = np.array([1, 1, 2, 3]), np.array([5, 7, 6, 4])
     args = (shape, colour, content_label, style_label, content_bias, style_bias)
-    forward = analysis.recombination_stats(*args, "content")
+    forward = synthetic_set.recombination_stats(*args, "content")
     assert forward["content_shape_style_colour"] == 0.5 and forward["recombination"] == 0.5
     assert (
         forward["style_shape_content_colour"] == 0.25
     )  # sample 3: the style's digit in the content's colour
-    assert analysis.recombination_stats(*args, "style")["recombination"] == 0.25
+    assert synthetic_set.recombination_stats(*args, "style")["recombination"] == 0.25
     assert (
-        analysis.recombination_stats(shape, colour, None, style_label, None, None, "content")["recombination"]
+        synthetic_set.recombination_stats(shape, colour, None, style_label, None, None, "content")[
+            "recombination"
+        ]
         is None
     )
 
 
 def test_diversity_and_nominal() -> None:
-    stats = analysis.diversity_stats(np.array([1, 1, 2, 2]), np.array([5, 6, 7, 8]))
+    stats = synthetic_set.diversity_stats(np.array([1, 1, 2, 2]), np.array([5, 6, 7, 8]))
     assert stats["distinct_contents"] == 2 and stats["effective_contents"] == pytest.approx(2.0)
     assert stats["effective_styles"] == pytest.approx(4.0)
-    assert analysis.effective_number(np.array([1, 1, 1, 2])) < 2.0
-    nominal = analysis.nominal_stats(
+    assert synthetic_set.effective_number(np.array([1, 1, 1, 2])) < 2.0
+    nominal = synthetic_set.nominal_stats(
         np.array([0, 1]), np.array([0, 1]), np.array([3, 1]), np.array([0, 4]), "style"
     )
     assert nominal["assumed_bias_carrier"] == "content" and nominal["nominal_conflict_rate"] == 0.5

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffinject.metrics import GroupedAccuracy, to_floats
+from diffinject.measures.metrics import GroupedAccuracy, to_floats
 from diffinject.report import write_report
 from diffinject.report.groups import MIN_GROUP_IMAGES
 

@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from diffinject.callbacks import SampleQualityMonitor
 from diffinject.data import CMNISTDataModule
 from diffinject.data.cmnist import LFF_COLORS
-from diffinject.report import analysis
-from diffinject.sample_quality import (
+from diffinject.measures import synthetic_set
+from diffinject.measures.sample_quality import (
     frechet_distance,
     generator_quality,
     palette_close_rate,
@@ -81,7 +81,9 @@ def test_palette_colours_are_close_and_grey_is_not() -> None:
     assert palette_close_rate(_stroke_images([tuple(0.5 * LFF_COLORS[3])])) == 1.0
     # grey normalises to (1, 1, 1): 0.28 from the nearest palette colour, beyond the 0.083 margin
     grey = _stroke_images([(0.5, 0.5, 0.5)])
-    assert analysis.nearest_palette(analysis.foreground_colour(grey))[1][0] == pytest.approx(0.283, abs=1e-3)
+    assert synthetic_set.nearest_palette(synthetic_set.foreground_colour(grey))[1][0] == pytest.approx(
+        0.283, abs=1e-3
+    )
     assert palette_close_rate(grey) == 0.0
     assert palette_close_rate(grey, max_distance=0.3) == 1.0
     # no foreground counts as not close; the rate is over all images
@@ -99,7 +101,7 @@ def test_colour_noise_of_the_protocol_stays_close() -> None:
 # ---------------------------------------------------------------------------------------------- shape
 def _two_class_probe(sharpness: float = 20.0) -> torch.nn.Sequential:
     """4×4 inputs: hidden = (mean of left half, mean of right half), logits = sharpness · hidden."""
-    probe = analysis.build_shape_probe(16, 2, hidden=2)
+    probe = synthetic_set.build_shape_probe(16, 2, hidden=2)
     left = torch.zeros(4, 4)
     left[:, :2] = 1 / 8
     with torch.no_grad():
@@ -134,8 +136,8 @@ def test_generator_quality_of_real_images_equals_their_floor() -> None:
     rng = np.random.default_rng(0)
     images = _stroke_images([tuple(LFF_COLORS[i % 10]) for i in range(40)])
     images = images * rng.uniform(0.5, 1.0, (40, 1, 1, 1)).astype(np.float32)
-    gray = analysis.shape_gray(images)
-    probe = analysis.train_shape_probe(gray[:20], np.arange(20) % 2, num_classes=2, iterations=5)
+    gray = synthetic_set.shape_gray(images)
+    probe = synthetic_set.train_shape_probe(gray[:20], np.arange(20) % 2, num_classes=2, iterations=5)
     figures = generator_quality(images[20:], images[:20], probe, held_out=images[20:])
     assert figures["frechet"] == pytest.approx(figures["frechet_floor"])
     assert figures["recognised"] == figures["real_recognised"]

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffinject.metrics import PseudoGroupAccuracy, keep_last_epoch, pseudo_balanced_se, selection_fallback
+from diffinject.measures.metrics import (
+    PseudoGroupAccuracy,
+    keep_last_epoch,
+    pseudo_balanced_se,
+    selection_fallback,
+)
 from diffinject.stages import BiasClassifier, VanillaClassifier
 from test_classifiers import ARGS, TinyBiasedDataModule, tiny_trainer
 

@@ -13,10 +13,10 @@ import torch
 from diffusers import UNet2DModel
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from diffinject.callbacks.samples import image_grid, log_image_grid
 from diffinject.callbacks.synthetic_writer import save_png_atomic
 from diffinject.nets.unet import INFO_FILENAME, build_unet, load_unet_export
 from diffinject.stages import LfFClassifier
+from diffinject.stages.image_grid import image_grid, log_image_grid
 from test_classifiers import ARGS
 
 

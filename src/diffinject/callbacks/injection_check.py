@@ -1,4 +1,4 @@
-"""`InjectionCheck`: the label-free injection check (`diffinject.injection_check`) after every inject run.
+"""`InjectionCheck`: the label-free injection check (`measures.injection_check`) after every inject run.
 
 It reads what the run left on disk, not the predictions in memory: the rows of `{output_dir}/manifest.csv`
 (and any per-rank shard not merged yet) whose PNG exists, sorted by sample index, the first `max_samples` of
@@ -13,29 +13,12 @@ every run reaches). It is deterministic (fixed subset, t fixed, no noise), so a 
 rewrites the same numbers, and a set completed after an interruption gets figures over the complete set.
 It costs a few encoder passes over at most 3 × `max_samples` images (about a second for CMNIST on a CPU).
 
-The gate (`gate`, on in the pipeline's configs) then reads *every* finished sample and decides what the debias
-stage trains on, written as `manifest_accepted.csv` (the manifest's rows that pass, same columns) and
-`gate.csv` (one line per sample: the figures it was judged on):
-- per sample (`injection_check.gate_samples`): the bias model gives the style's class probability ≥
-  `gate_min_confidence` on the synthetic image;
-- per set, **content**: when fewer than `gate_min_retention` of the images keep their content (closer to the
-  content's bottleneck features than to the style's), the generator replaced the contents rather than moving
-  an attribute, and nothing is accepted;
-- per set, the **premise check** (`injection_check.second_view_transfer`, with `second_view_checkpoint`, the
-  seed's Vanilla ERM model): on the images the per-image test accepts, does an independently trained ERM
-  model follow the edit to the style's class clearly more often than it keeps the content's? When the
-  difference is below `premise_z` standard errors,
-  the bias model's attribute is not a shortcut plain training takes (or the edit only fooled the bias
-  model), the method's premise does not hold, and nothing is accepted: the debias stage then trains plainly
-  on the real images (`if_no_synthetic: erm`) and the summary and the report say why.
-With the gate off every sample is accepted (and still judged, for the report).
+The gate (`gate`, on in the pipeline's configs) then judges every finished sample and decides what the
+debias stage trains on: `callbacks/gate.py`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +27,24 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from diffinject.callbacks.synthetic_writer import MANIFEST_COLUMNS, collect_rows, write_manifest_atomic
-from diffinject.injection_check import (
-    DEFAULT_FEATURE_T,
-    bottleneck_h,
-    content_scores,
-    gate_samples,
-    injection_check,
-    predict_probs,
-    second_view_transfer,
+from diffinject.callbacks.gate import (
+    PREMISE_VAL_Z,
+    PREMISE_Z,
+    gate_folder,
+    judge_rows,
+    training_images,
+    validation_comparison,
 )
-from diffinject.report.analysis import load_images
+from diffinject.callbacks.synthetic_writer import collect_rows
+from diffinject.data.tempdirs import write_json_atomic
+from diffinject.measures.injection_check import (
+    DEFAULT_FEATURE_T,
+    injection_check,
+)
+from diffinject.measures.synthetic_set import load_images
 from diffinject.stages.weights import load_classifier_checkpoint
 
 CHECK_FILENAME = "injection_check.json"
-ACCEPTED_FILENAME = "manifest_accepted.csv"
-GATE_FILENAME = "gate.csv"
-GATE_COLUMNS = ("index", "p_style_class", "retained", "second_view_class", "accepted")
-#: images per chunk of the gate (bounds memory on large images)
-GATE_CHUNK = 512
-#: default premise threshold, in standard errors (`injection_check.second_view_transfer`; measured values in
-#: docs/results/bias-trees.md)
-PREMISE_Z = 3.5
 KNOWN_DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats")
 
 
@@ -82,12 +61,6 @@ def check_bias_checkpoint(path: Path) -> None:
             f"(`{bias_stage_hint(path)}` → <bias folder>/checkpoints/best.ckpt); run it first, or point "
             "bias_checkpoint at the seed's bias folder"
         )
-
-
-def training_images(dataset: Any, indices: list[int]) -> torch.Tensor:
-    """Float [0, 1] N×C×H×W of training items, rounded to the uint8 grid the synthetic PNGs are stored on."""
-    images = torch.stack([dataset[int(i)]["image"].float() for i in indices])
-    return (images * 255.0).round().clamp(0, 255) / 255.0
 
 
 def check_folder(
@@ -114,143 +87,6 @@ def check_folder(
     return {**figures, **result}
 
 
-def judge_rows(
-    folder: Path,
-    rows: list[dict[str, str]],
-    bias_net: nn.Module,
-    unet: nn.Module,
-    model_size: int,
-    train_dataset: Any,
-    second_view: nn.Module | None,
-    feature_t: int = DEFAULT_FEATURE_T,
-) -> dict[str, torch.Tensor]:
-    """Per-sample figures of the gate over `rows`: p_style_class, retained, moved, and the second view's
-    classes of the synthetic / content / style images (-1 without a second view). In chunks."""
-    channels = int(train_dataset[0]["image"].shape[0])
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(rows), GATE_CHUNK):
-        chunk = rows[start : start + GATE_CHUNK]
-        images = {
-            "synthetic": torch.from_numpy(load_images([folder / r["path"] for r in chunk], channels)).float()
-            / 255.0,
-            "content": training_images(train_dataset, [int(r["content_index"]) for r in chunk]),
-            "style": training_images(train_dataset, [int(r["style_index"]) for r in chunk]),
-        }
-        probs = {name: predict_probs(bias_net, x) for name, x in images.items()}
-        style_class = probs["style"].argmax(1)
-        feats = [
-            bottleneck_h(unet, images[n], model_size, feature_t) for n in ("synthetic", "content", "style")
-        ]
-        out = {
-            "p_style_class": probs["synthetic"].gather(1, style_class[:, None]).squeeze(1),
-            "moved": probs["synthetic"].argmax(1) == style_class,
-            "retained": content_scores(*feats, normalise=True)["retained"],
-        }
-        for name, x in images.items():
-            view = predict_probs(second_view, x).argmax(1) if second_view is not None else None
-            out[f"view_{name}"] = view if view is not None else torch.full((len(chunk),), -1)
-        for key, value in out.items():
-            parts.setdefault(key, []).append(value)
-    return {key: torch.cat(values) for key, values in parts.items()}
-
-
-def gate_folder(
-    folder: Path,
-    rows: list[dict[str, str]],
-    judged: dict[str, torch.Tensor],
-    enabled: bool,
-    min_confidence: float,
-    premise_z: float,
-    min_retention: float = 0.5,
-) -> dict[str, Any]:
-    """Apply the gate and the premise check; write `gate.csv` and `manifest_accepted.csv`; the summary."""
-    n = len(rows)
-    per_sample = gate_samples(judged["p_style_class"], min_confidence)
-    retention = round(float(judged["retained"].float().mean()), 6) if n else None
-    content_lost = retention is not None and retention < min_retention
-    has_view = n > 0 and bool((judged["view_synthetic"] >= 0).all())
-    transfer = (
-        second_view_transfer(
-            judged["view_synthetic"], judged["view_content"], judged["view_style"], per_sample
-        )
-        if has_view
-        else {"n": 0, "follows_style": None, "follows_content": None, "z": None}
-    )
-    follows, z = transfer["follows_style"], transfer["z"]
-    premise_holds = None if z is None else bool(z >= premise_z)
-    accepted = per_sample if enabled else torch.ones(n, dtype=torch.bool)
-    if enabled and (premise_holds is False or content_lost):
-        accepted = torch.zeros(n, dtype=torch.bool)
-    with (folder / f".{GATE_FILENAME}.tmp").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(GATE_COLUMNS)
-        for i, row in enumerate(rows):
-            writer.writerow(
-                [
-                    row["index"],
-                    f"{float(judged['p_style_class'][i]):.6f}",
-                    int(judged["retained"][i]),
-                    int(judged["view_synthetic"][i]),
-                    int(accepted[i]),
-                ]
-            )
-    os.replace(folder / f".{GATE_FILENAME}.tmp", folder / GATE_FILENAME)
-    kept = [row for row, keep in zip(rows, accepted.tolist(), strict=True) if keep]
-    write_manifest_atomic(folder / ACCEPTED_FILENAME, kept, MANIFEST_COLUMNS)
-    rate = round(len(kept) / n, 6) if n else None
-    if not enabled:
-        verdict = "gate off: every synthetic image is used"
-    elif premise_holds is False:
-        verdict = (
-            f"premise failed: on the images the bias model calls moved, an independently trained ERM model "
-            f"moves to the style's class ({follows:.0%}) no more clearly than it keeps the content's "
-            f"({transfer['follows_content']:.0%}; z = {z:.1f}, needs {premise_z:g}); the bias model does not "
-            "seem to read a shortcut plain training takes, so no synthetic image is used and the debiased "
-            "model is plain training on the real images"
-        )
-    elif content_lost:
-        verdict = (
-            f"content lost: only {retention:.0%} of the synthetic images keep their content image's features "
-            f"(needs {min_retention:.0%}); the generator replaced the contents instead of moving the bias "
-            "attribute, so no synthetic image is used and the debiased model is plain training on the real "
-            "images"
-        )
-    elif n and len(kept) < n / 2:
-        verdict = (
-            f"the gate rejected most of the synthetic set ({n - len(kept)} of {n}: the bias model was not "
-            f"confident, p < {min_confidence:g}, that the attribute moved to the style's); only the "
-            f"{len(kept)} accepted images are used"
-        )
-    else:
-        verdict = f"{len(kept)} of {n} synthetic images accepted"
-    return {
-        "enabled": enabled,
-        "num_rows": n,
-        "accepted": len(kept),
-        "accepted_rate": rate,
-        "rejected_not_moved": int((judged["p_style_class"] < min_confidence).sum()),
-        "content_retention": retention,
-        "min_retention": min_retention,
-        "content_lost": content_lost,
-        "min_confidence": min_confidence,
-        "premise": {
-            "holds": premise_holds,
-            "second_view_follows_style": follows,
-            "second_view_follows_content": transfer["follows_content"],
-            "n": transfer["n"],
-            "z": z,
-            "min_z": premise_z,
-        },
-        "verdict": verdict,
-    }
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class InjectionCheck(Callback):
     """Label-free injection check of an inject (`predict`) run: `{output_dir}/injection_check.json` + logs.
 
@@ -265,6 +101,9 @@ class InjectionCheck(Callback):
         second_view_checkpoint: the seed's Vanilla ERM checkpoint for the premise check (None: no check).
         premise_z: the premise holds when, on the edits the bias model sees, the second view moves to the
             style's class more often than it keeps the content's by at least this many standard errors.
+        premise_val_z: or, with the second view still leaning towards the edits, when the bias model is more
+            accurate than it on the validation split by more than this McNemar z (`gate.premise_verdict`);
+            None: the edits alone decide.
     """
 
     def __init__(
@@ -278,6 +117,7 @@ class InjectionCheck(Callback):
         gate_min_retention: float = 0.5,
         second_view_checkpoint: str | None = None,
         premise_z: float = PREMISE_Z,
+        premise_val_z: float | None = PREMISE_VAL_Z,
     ) -> None:
         super().__init__()
         if max_samples < 1:
@@ -293,6 +133,7 @@ class InjectionCheck(Callback):
         self.gate_min_retention = gate_min_retention
         self.second_view_checkpoint = Path(second_view_checkpoint) if second_view_checkpoint else None
         self.premise_z = premise_z
+        self.premise_val_z = premise_val_z
         self.bias_checkpoint = Path(bias_checkpoint)
         self.output_dir = Path(output_dir)
         self.max_samples = max_samples
@@ -354,10 +195,13 @@ class InjectionCheck(Callback):
             self.feature_t,
         )
         rows = [row for _, row in sorted(collect_rows(self.output_dir).items())]
-        second_view = None
+        second_view, validation = None, None
         if self.second_view_checkpoint is not None:
             second_view, _ = load_classifier_checkpoint(self.second_view_checkpoint, expect)
             second_view = second_view.to(pl_module.device).eval().requires_grad_(False)
+            val_dataset = getattr(datamodule.data, "val_dataset", None)
+            if self.gate and self.premise_val_z is not None and val_dataset is not None:
+                validation = validation_comparison(bias_net, second_view, val_dataset)
         judged = judge_rows(
             self.output_dir,
             rows,
@@ -376,6 +220,8 @@ class InjectionCheck(Callback):
             self.gate_min_confidence,
             self.premise_z,
             self.gate_min_retention,
+            validation,
+            self.premise_val_z,
         )
         plan = getattr(datamodule, "plan", None)
         payload = {
@@ -387,7 +233,7 @@ class InjectionCheck(Callback):
             "bias_checkpoint": str(self.bias_checkpoint),
             "unet": str(pl_module.hparams.get("unet", "")),
             "unet_global_step": getattr(pl_module, "info", {}).get("global_step"),
-            "definitions": "see diffinject/injection_check.py; no labels are read",
+            "definitions": "see diffinject/measures/injection_check.py; no labels are read",
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.output_dir / CHECK_FILENAME, payload)

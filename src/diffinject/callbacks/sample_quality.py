@@ -2,7 +2,7 @@
 
 `SampleQualityMonitor` samples the EMA UNet of a `P2DiffusionModule` (deterministic DDIM from the same
 seeded noise each time, so the curve follows the model, not the noise) and logs, through every logger:
-`quality/recognised`, `quality/palette_close`, `quality/frechet` (see `diffinject.sample_quality`), and
+`quality/recognised`, `quality/palette_close`, `quality/frechet` (see `measures.sample_quality`), and
 once, the held-out real images' own values `quality/frechet_floor`, `quality/real_recognised`,
 `quality/real_palette_close`. At fit end the figures of every evaluation go to `sample_quality.json` in
 the trainer's `log_dir` (or `default_root_dir` without a logger).
@@ -24,7 +24,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffinject.sample_quality import (
+from diffinject.measures.sample_quality import (
     RECOGNISED_THRESHOLD,
     QualityReference,
     build_reference,

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
-from diffinject.callbacks.samples import log_image_grid
+from diffinject.stages.image_grid import log_image_grid
 
 MANIFEST_COLUMNS = (
     "index",

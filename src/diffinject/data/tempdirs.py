@@ -1,4 +1,7 @@
-"""Folders built aside and renamed into place, and the temp folders a killed build leaves behind.
+"""Files and folders built aside and renamed into place, and the temp folders a killed build leaves behind.
+
+`write_text_atomic` / `write_json_atomic`: a reader sees the old file or the new one, never half of one (the
+temp file is named after the target and the pid, so two writers never share one).
 
 A build writes into a hidden sibling `.{name}.tmp-{host}-{pid}-{random}` and renames it when complete, so a
 reader never sees half a dataset. A kill leaves the sibling; the next build of the same target removes it when
@@ -8,6 +11,7 @@ its process is gone (same host, pid not alive) or it is older than a day, and le
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -17,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("diffinject.data")
 
@@ -145,3 +150,17 @@ def replacing_directory(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str, tmp_prefix: str = ".") -> None:
+    """Write `text` to a sibling `{tmp_prefix}{name}.{pid}.tmp`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{tmp_prefix}{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any, tmp_prefix: str = ".") -> None:
+    """`payload` as indented, key-sorted JSON (non-JSON values as `str`), written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", tmp_prefix)

@@ -33,6 +33,17 @@ def _premise_figures(premise: dict[str, Any]) -> str:
     return f"{_percent(style)} / {_percent(content)} (z = {premise.get('z')}, n = {premise.get('n', 0)})"
 
 
+def _validation_figures(premise: dict[str, Any]) -> str:
+    """ "bias % / Vanilla % (z = …)" on the validation split, or "–" when the signal was not computed."""
+    validation = premise.get("validation")
+    if not isinstance(validation, dict):
+        return "–"
+    bias, vanilla = (validation.get(k) for k in ("bias_acc", "view_acc"))
+    if bias is None or vanilla is None:
+        return "–"
+    return f"{100 * bias:.1f} / {100 * vanilla:.1f} % (z = {validation.get('z')})"
+
+
 def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     """Per seed: accepted / judged synthetic images, the premise figures and the debias fallback; notes."""
     per_seed: dict[str, Any] = {}
@@ -52,7 +63,8 @@ def collect_gate(root: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
         notes.append(
             f"PREMISE CHECK FAILED for {len(failed)} of {len(per_seed)} seed(s): on the images the bias "
             "model calls moved, the Vanilla model moved to the style's class no more clearly than it kept "
-            f"the content's (style / content, {figures}). The bias model does not seem to read a shortcut "
+            f"the content's (style / content, {figures}), and the bias model was not more accurate than "
+            "Vanilla on the validation split. The bias model does not seem to read a shortcut "
             "that plain training takes, so DiffInject's synthetic images were not used there and its row is "
             "plain ERM on the real images: on this data the method has nothing to add"
         )
@@ -88,19 +100,23 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
     if not gate:
         return ["– (no gate figures in `inject/injection_check.json`)"]
     lines = [
-        "| seed | judged | accepted | unmoved | content kept | Vanilla: style / content | premise | used |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | judged | accepted | unmoved | content kept | Vanilla: style / content | validation: bias / "
+        "Vanilla | premise | used |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for seed, g in gate["per_seed"].items():
         premise = g.get("premise") or {}
         verdict = {True: "holds", False: "**fails**", None: "no verdict"}[premise.get("holds")]
+        if premise.get("evidence"):
+            verdict += f" ({premise['evidence']})"
         trained = "plain ERM" if g.get("debias_fallback") else "DiffInject"
         lines.append(
             f"| {seed} | {g['num_rows']} | {g['accepted']} | {g['rejected_not_moved']} | "
             f"{_percent(g.get('content_retention'))} | {_premise_figures(premise)} | "
-            f"{verdict} | {trained} |"
+            f"{_validation_figures(premise)} | {verdict} | {trained} |"
         )
     threshold = next(iter(gate["per_seed"].values())).get("min_confidence")
+    first_premise = next(iter(gate["per_seed"].values())).get("premise") or {}
     lines += [
         "",
         f"Accepted: the bias model gives the style's class p ≥ {threshold} on the synthetic image, and the "
@@ -108,7 +124,10 @@ def gate_lines(gate: dict[str, Any] | None) -> list[str]:
         "to the style's; label-free). Premise: on the images the bias model calls moved, the share on "
         "which an independently trained Vanilla model moves to the style's class against the share on "
         "which it keeps the content's; the premise holds when the difference is at least "
-        f"{next(iter(gate['per_seed'].values())).get('premise', {}).get('min_z')} standard errors (z).",
+        f"{first_premise.get('min_z')} standard errors (z; evidence: edits), or when it is positive and the "
+        "bias model is more accurate than Vanilla on the validation split (McNemar z > "
+        f"{first_premise.get('min_val_z')}; evidence: validation): a shortcut decides a split biased like "
+        "the training set at least as well as plain training does, a weaker model of the class does not.",
     ]
     lines += [f"- {note}" for note in gate["notes"]]
     return lines

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from diffinject.metrics import selection_monitor
+from diffinject.measures.metrics import selection_monitor
 from diffinject.report.groups import collect_groups
 
 #: (stage folder, name in the report); the last row is the biased reference, not a competing method.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffinject.report import analysis
+from diffinject.measures import synthetic_set
 from diffinject.report import synthetic as rs
 
 COLUMNS = 8
@@ -116,7 +116,7 @@ def real_rows(data: rs.DataBundle, count: int = COLUMNS) -> list[Row]:
 
 
 def triplet_rows(
-    manifest: analysis.Manifest, images: np.ndarray, data: rs.DataBundle | None, count: int = COLUMNS
+    manifest: synthetic_set.Manifest, images: np.ndarray, data: rs.DataBundle | None, count: int = COLUMNS
 ) -> list[Row]:
     """Rows style, content, synthetic of the manifest's first `count` rows (without data: synthetic only)."""
     count = min(count, len(manifest))
@@ -128,7 +128,7 @@ def triplet_rows(
         rows.append(("content", rs.images_at(data.train, cols["content_index"][:count]), [], []))
     marks: list[str] = []
     if data is not None and data.name == "cmnist":
-        colours = analysis.estimate_colour_classes(images[:count])
+        colours = synthetic_set.estimate_colour_classes(images[:count])
         marks = [f"colour {k}{' ≠ y' if k != cols['label'][c] else ''}" for c, k in enumerate(colours)]
     rows.append(("synthetic", images[:count], [] if rows else titles, marks))
     return rows

@@ -2,7 +2,7 @@
 
 The data module is rebuilt from the config a stage ran (`pipeline_config.yaml`, or Lightning's `config.yaml`),
 so training images can be read by the manifest's content/style indices. Measurements live in
-`diffinject.report.analysis`; this module feeds them and caches the shape probe under `{root}/report/`.
+`diffinject.measures.synthetic_set`; this module feeds them and caches the shape probe under `{root}/report/`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffinject.report import analysis
+from diffinject.data.sections import source_data_section
+from diffinject.measures import synthetic_set
 from diffinject.report.inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
-from diffinject.workflow.sections import source_data_section
 
 #: data init args that do not change which images the splits hold
 NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image", "synthetic_control")
@@ -121,7 +121,7 @@ def labels_of(dataset: Any) -> np.ndarray:
     return np.array([int(dataset[i]["label"]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def mismatch(manifest: analysis.Manifest, data: DataBundle) -> str | None:
+def mismatch(manifest: synthetic_set.Manifest, data: DataBundle) -> str | None:
     """Why the rebuilt data is not the data the manifest indexes (None when indices and labels agree).
 
     A relative `root` or `source: auto` can resolve differently from another working directory."""
@@ -147,23 +147,25 @@ def mismatch(manifest: analysis.Manifest, data: DataBundle) -> str | None:
 def shape_probe(data: DataBundle, cache_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or load from `cache_dir`) the colour-free shape probe on the training split's task labels."""
     cache = cache_dir / f"shape_probe_{data.key}.pt"
-    train_gray = analysis.shape_gray(images_at(data.train, np.arange(len(data.train))))
+    train_gray = synthetic_set.shape_gray(images_at(data.train, np.arange(len(data.train))))
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         meta = saved.get("meta", {})
         if meta.get("version") == PROBE_VERSION and meta.get("key") == data.key:
-            probe = analysis.build_shape_probe(train_gray[0].size, data.num_classes, meta["hidden"])
+            probe = synthetic_set.build_shape_probe(train_gray[0].size, data.num_classes, meta["hidden"])
             probe.load_state_dict(saved["state_dict"])
             return probe.eval(), {**meta, "cached": True}
     hidden = 64
-    probe = analysis.train_shape_probe(train_gray, labels_of(data.train), data.num_classes, hidden=hidden)
-    test_gray = analysis.shape_gray(images_at(data.test, np.arange(len(data.test))))
+    probe = synthetic_set.train_shape_probe(
+        train_gray, labels_of(data.train), data.num_classes, hidden=hidden
+    )
+    test_gray = synthetic_set.shape_gray(images_at(data.test, np.arange(len(data.test))))
     meta = {
         "version": PROBE_VERSION,
         "key": data.key,
         "hidden": hidden,
-        "train_acc": float((analysis.probe_predict(probe, train_gray) == labels_of(data.train)).mean()),
-        "test_acc": float((analysis.probe_predict(probe, test_gray) == labels_of(data.test)).mean()),
+        "train_acc": float((synthetic_set.probe_predict(probe, train_gray) == labels_of(data.train)).mean()),
+        "test_acc": float((synthetic_set.probe_predict(probe, test_gray) == labels_of(data.test)).mean()),
         "num_train": len(train_gray),
         "num_test": len(test_gray),
         "data_config": str(data.config_path),
@@ -174,7 +176,7 @@ def shape_probe(data: DataBundle, cache_dir: Path) -> tuple[torch.nn.Module, dic
 
 
 def analyse_seed(
-    manifest: analysis.Manifest,
+    manifest: synthetic_set.Manifest,
     images: np.ndarray,
     data: DataBundle | None,
     label_from: str | None,
@@ -190,9 +192,9 @@ def analyse_seed(
     if len(manifest) == 0:
         result["notes"].append(f"{manifest.path} has no rows")
         return result
-    result.update(analysis.diversity_stats(cols["content_index"], cols["style_index"]))
+    result.update(synthetic_set.diversity_stats(cols["content_index"], cols["style_index"]))
     if all(cols[c] is not None for c in ("content_label", "content_bias", "style_bias")) and label_from:
-        result["nominal"] = analysis.nominal_stats(
+        result["nominal"] = synthetic_set.nominal_stats(
             labels, cols["content_label"], cols["content_bias"], cols["style_bias"], label_from
         )
     if data is None:
@@ -202,7 +204,7 @@ def analyse_seed(
     content = images_at(data.train, cols["content_index"][subset])
     style = images_at(data.train, cols["style_index"][subset])
     if content.shape[1:] == images.shape[1:]:
-        result["pixels"] = analysis.pixel_distance_stats(images[subset], content, style)
+        result["pixels"] = synthetic_set.pixel_distance_stats(images[subset], content, style)
         result["pixels"]["num_images"] = len(subset)
     if data.name != "cmnist":
         result["notes"].append(
@@ -210,22 +212,24 @@ def analyse_seed(
             "manifest's bias labels), not measured on the images"
         )
         return result
-    directions = analysis.foreground_colour(images)
-    estimated, distances = analysis.nearest_palette(directions)
-    result["colour"] = analysis.colour_stats(
-        estimated, labels, cols["content_bias"], cols["style_bias"], distances, analysis.palette_margin()
+    directions = synthetic_set.foreground_colour(images)
+    estimated, distances = synthetic_set.nearest_palette(directions)
+    result["colour"] = synthetic_set.colour_stats(
+        estimated, labels, cols["content_bias"], cols["style_bias"], distances, synthetic_set.palette_margin()
     )
     if probe is not None:
-        predicted = analysis.probe_predict(probe, analysis.shape_gray(images))
-        result["shape"] = analysis.shape_stats(predicted, labels, cols["content_label"], cols["style_label"])
-        result["recombination"] = analysis.recombination_stats(
+        predicted = synthetic_set.probe_predict(probe, synthetic_set.shape_gray(images))
+        result["shape"] = synthetic_set.shape_stats(
+            predicted, labels, cols["content_label"], cols["style_label"]
+        )
+        result["recombination"] = synthetic_set.recombination_stats(
             predicted, estimated, cols["content_label"], cols["style_label"], cols["content_bias"],
             cols["style_bias"], label_from,
         )  # fmt: skip
     return result
 
 
-Sample = tuple[analysis.Manifest, np.ndarray, DataBundle | None]
+Sample = tuple[synthetic_set.Manifest, np.ndarray, DataBundle | None]
 
 
 def trained_manifest(inject: Path) -> Path | None:
@@ -251,7 +255,7 @@ def collect_synthetic(
         manifest_path = trained_manifest(root / f"seed{seed}" / "inject")
         if manifest_path is None:
             continue
-        manifest = analysis.read_manifest(manifest_path)
+        manifest = synthetic_set.read_manifest(manifest_path)
         data = None
         located = find_data_config(root, seed)
         if located is not None:
@@ -267,7 +271,7 @@ def collect_synthetic(
         if problem is not None:
             notes.append(f"{problem}; image measurements skipped for seed {seed}")
             data = None
-        images = analysis.load_images(manifest.images, data.channels if data else 3)
+        images = synthetic_set.load_images(manifest.images, data.channels if data else 3)
         probe = None
         if data is not None and data.name == "cmnist":
             probe, probe_info = shape_probe(data, report_dir)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffinject.data.tempdirs import write_text_atomic
 from diffinject.report import synthetic as rs
 from diffinject.report.gate import collect_gate
 from diffinject.report.groups import worst_group_rule
@@ -46,13 +46,6 @@ def json_safe(node: Any) -> Any:
     if isinstance(node, float) and not math.isfinite(node):
         return None
     return node
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def unbiased_column(root: Path, seeds: Sequence[int]) -> tuple[str, str]:
@@ -143,11 +136,11 @@ def write_report(
     if missing:
         results["notes"].append(f"no result, so no row: {', '.join(missing)}")
     results["figures"] = figures
-    _write_atomic(
+    write_text_atomic(
         report_dir / "results.json",
         json.dumps(json_safe(results), indent=2, default=str, allow_nan=False) + "\n",
     )
-    _write_atomic(report_dir / "results.md", markdown(results))
+    write_text_atomic(report_dir / "results.md", markdown(results))
     print(compact_table(results), flush=True)
     for line in (synthetic or {}).get("notes", []) + results["notes"]:
         print(f"[report] note: {line}", flush=True)

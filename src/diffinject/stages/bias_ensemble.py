@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from diffinject.losses import check_gce_q, gce_loss
+from diffinject.stages.losses import check_gce_q, gce_loss
 
 CSV_NAME, JSON_NAME = "bias_ensemble.csv", "bias_ensemble.json"
 CSV_COLUMNS = ("index", "label", "votes", "flagged", "loss")

@@ -11,13 +11,12 @@ weights from its confidence (see `metrics.PseudoGroupAccuracy`): label-free, and
 shortcut the way accuracy on a biased split does. When the pseudo-conflicting group is smaller than
 `selection_min_group` effective images the score is noise, and `best.ckpt` is the last epoch instead
 (`metrics.selection_fallback`). Otherwise the best epoch replaces the last one only when it scores more than
-`selection_margin_se` standard errors above it (`metrics.keep_last_epoch`). metrics.json records which rule
-chose the tested checkpoint.
+`selection_margin_se` standard errors above it (`metrics.keep_last_epoch`); both rules: `stages/selection.py`.
+metrics.json records which rule chose the tested checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from diffinject.losses import check_gce_q, gce_loss
-from diffinject.metrics import (
+from diffinject.data.tempdirs import write_json_atomic
+from diffinject.measures.metrics import (
     METRIC_NAMES,
     PSEUDO_BALANCED,
     PSEUDO_BALANCED_SE,
@@ -39,14 +38,13 @@ from diffinject.metrics import (
     SELECTION_MIN_GROUP,
     GroupedAccuracy,
     PseudoGroupAccuracy,
-    keep_last_epoch,
     pseudo_balanced_se,
-    selection_fallback,
     selection_monitor,
     to_floats,
 )
 from diffinject.nets import build_classifier
-from diffinject.stages.selection import promote_last_epoch
+from diffinject.stages.losses import check_gce_q, gce_loss
+from diffinject.stages.selection import SelectionRule
 from diffinject.stages.weights import CHECKPOINT_KEY, load_classifier_checkpoint
 
 Batch = dict[str, torch.Tensor]
@@ -55,14 +53,6 @@ Batch = dict[str, torch.Tensor]
 def checkpoint_dir(default_root_dir: str | os.PathLike[str]) -> Path:
     """Where every classifier stage keeps `best.ckpt` and `last.ckpt`."""
     return Path(default_root_dir) / "checkpoints"
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temp file + rename, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def check_data_compatibility(hparams: Any, datamodule: Any) -> None:
@@ -78,7 +68,7 @@ def check_data_compatibility(hparams: Any, datamodule: Any) -> None:
         raise ValueError(f"model and data disagree ({name}): " + "; ".join(problems) + ". Fix the config.")
 
 
-class ClassifierModule(LightningModule):
+class ClassifierModule(SelectionRule, LightningModule):
     """Shared classifier stage. Subclasses implement `training_loss(logits, batch) -> per-sample loss`.
 
     Args:
@@ -255,60 +245,6 @@ class ClassifierModule(LightningModule):
                 self._apply_selection_fallback(size)
         if not self.trainer.sanity_checking:
             self.val_summary = {**summary, "epoch": self.current_epoch, "step": self.global_step}
-
-    def _apply_selection_fallback(self, conflicting_size: float) -> None:
-        """Keep the last epoch as `best.ckpt` when the pseudo-conflicting group is too small to trust.
-
-        The group depends only on the bias model and the validation split, so the decision is the same at
-        every epoch of a run; it is taken before the checkpoint callback saves (module hooks run first).
-        """
-        min_group = float(self.hparams.get("selection_min_group") or 0.0)
-        fallback = selection_fallback(conflicting_size, min_group)
-        rule = "last epoch" if fallback else PSEUDO_BALANCED
-        self.selection = {"rule": rule, "pseudo_conflicting_size": conflicting_size, "min_group": min_group}
-        best = self._best_checkpoint[0] if self._best_checkpoint else None
-        if fallback and best is not None and best.monitor is not None:
-            best.monitor = None  # a monitor-less ModelCheckpoint saves every epoch: best.ckpt = last epoch
-            rank_zero_warn(
-                f"{type(self).__name__}: only {conflicting_size:.1f} effective pseudo-conflicting validation "
-                f"images (< selection_min_group={min_group:g}): {PSEUDO_BALANCED} would be noise, so "
-                "best.ckpt is the last epoch"
-            )
-
-    def on_train_end(self) -> None:
-        """The margin rule (`metrics.keep_last_epoch`): make `best.ckpt` the last epoch unless the best one
-        beats it clearly. Runs after the checkpoint callbacks wrote both files for the final epoch."""
-        best = self._best_checkpoint[0] if self._best_checkpoint else None
-        if best is None or best.monitor != PSEUDO_BALANCED or best.best_model_score is None:
-            return
-        last_score = self.val_summary.get(PSEUDO_BALANCED)
-        last_se = self.val_summary.get(PSEUDO_BALANCED_SE)
-        if last_score is None or last_se is None or self.trainer.sanity_checking:
-            return
-        best_score, margin = float(best.best_model_score), float(self.hparams.get("selection_margin_se", 0.0))
-        if margin <= 0:  # margin 0 turns the rule off: best.ckpt stays the plain maximum, ties included
-            return
-        last_path = Path(best.dirpath) / "last.ckpt"
-        if not last_path.is_file() or not keep_last_epoch(best_score, float(last_score), last_se, margin):
-            return
-        if self.trainer.is_global_zero:
-            selection = {
-                "rule": "last epoch (best within margin)",
-                "best_score": best_score,
-                "last_score": float(last_score),
-                "last_se": float(last_se),
-                "margin_se": margin,
-            }
-            epoch = self.val_summary.get("epoch")
-            if not promote_last_epoch(last_path, best.best_model_path, epoch, selection):
-                rank_zero_warn(f"{last_path} is not the final epoch's; best.ckpt left as it is")
-            else:
-                rank_zero_info(
-                    f"{type(self).__name__}: the best epoch ({PSEUDO_BALANCED} {best_score:.4f}) is within "
-                    f"{margin:g} standard errors ({last_se:.4f}) of the last ({float(last_score):.4f}): "
-                    "best.ckpt is the last epoch"
-                )
-        self.trainer.strategy.barrier("selection_margin")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         # Under DDP the DistributedSampler pads with repeats: test on one device for exact counts.

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from diffinject.losses import check_gce_q, gce_loss
-from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
+from diffinject.measures.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.stages.classifiers import Batch, ClassifierModule
+from diffinject.stages.losses import check_gce_q, gce_loss
 from diffinject.stages.weights import CHECKPOINT_KEY
 
 

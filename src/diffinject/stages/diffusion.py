@@ -30,13 +30,13 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from diffinject.callbacks.samples import log_image_grid
 from diffinject.diffusion.ddim import ddim_generate
 from diffinject.diffusion.preprocess import PREPROCESS_RULE, from_model_space, to_model_space
 from diffinject.diffusion.schedule import ddim_timesteps, linear_alphas_cumprod, p2_weights
+from diffinject.measures.sample_quality import ClippedEpsilon
 from diffinject.nets.pretrained import check_architecture, check_schedule, load_pretrained
 from diffinject.nets.unet import build_unet, get_preset, save_unet_export
-from diffinject.sample_quality import ClippedEpsilon
+from diffinject.stages.image_grid import log_image_grid
 
 
 def ema_decay_at(step: int, max_decay: float, warmup: bool = True) -> float:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
+from diffinject.measures.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.nets import DisEntNet
 from diffinject.stages.classifiers import Batch
 from diffinject.stages.lff import ReweightedDebiasModule

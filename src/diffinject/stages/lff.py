@@ -29,11 +29,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from diffinject.losses import bias_branch_loss, check_gce_q, classwise_max, ema_update, lff_weights
-from diffinject.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
+from diffinject.measures.metrics import SELECTION_MARGIN_SE, SELECTION_MIN_GROUP
 from diffinject.nets import build_classifier
 from diffinject.stages.bias_ensemble import EnsembleOptions, ensure_committee
 from diffinject.stages.classifiers import Batch, ClassifierModule
+from diffinject.stages.losses import bias_branch_loss, check_gce_q, classwise_max, ema_update, lff_weights
 from diffinject.stages.weights import CHECKPOINT_KEY
 
 

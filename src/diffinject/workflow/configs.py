@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from diffinject.data.inspect import FolderFacts, inspect_folder
+from diffinject.data.sections import source_data_section
 from diffinject.workflow.folder import fill_config, template_set
-from diffinject.workflow.sections import source_data_section
 
 DATASETS = ("cmnist", "ccifar10", "bffhq", "dogscats", "folder")
 PROFILES = ("smoke", "quick", "paper")

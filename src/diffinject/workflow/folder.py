@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from diffinject.data.inspect import FolderFacts
-from diffinject.workflow.sections import source_data_section
+from diffinject.data.sections import source_data_section
 
 #: largest side that gets the digits recipe (MLP, cmnist-small UNet); larger images use ResNet-18.
 SMALL_MAX_SIDE = 32

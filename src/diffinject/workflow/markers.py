@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffinject.data.tempdirs import write_json_atomic as write_json
+
 DONE_NAME = ".pipeline_done.json"
 STARTED_NAME = ".pipeline_started.json"
 #: files (globs relative to the stage folder) whose bytes define what a stage hands downstream
@@ -36,11 +38,8 @@ TMP_PREFIX = ".pipeline-tmp-"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write a record atomically; a kill leaves only a `TMP_PREFIX` file, which `clean_temporary` removes."""
+    write_json(path, data, tmp_prefix=TMP_PREFIX)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffinject.data.sections import source_data_section
 from diffinject.logs import quiet_known_noise
 from diffinject.workflow.configs import (
     ALL_STAGES,
@@ -48,7 +49,6 @@ from diffinject.workflow.folder import HEADLINES
 from diffinject.workflow.lock import LockHeld, pipeline_lock
 from diffinject.workflow.preflight import CannotStart, check_dataset, check_handovers
 from diffinject.workflow.runner import CONFIG_NAME, Runner, Step, StepFailed, failure_summary
-from diffinject.workflow.sections import source_data_section
 
 #: the export's description file (nets.unet.INFO_FILENAME; not imported: the pipeline needs no diffusers)
 INFO_NAME = "diffusion_info.json"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from diffinject.data.datasets import check_image
 from diffinject.data.layout import FolderLayout, scan_images
+from diffinject.data.sections import source_data_section
 from diffinject.workflow.configs import Options, stage_config
 from diffinject.workflow.markers import STAGE_OUTPUTS
 from diffinject.workflow.runner import Step
-from diffinject.workflow.sections import source_data_section
 
 #: where each user-supplied dataset comes from, and the folder under DATA_ROOT it must be in
 SOURCES = {

@@ -1,10 +1,10 @@
 """Generator quality of an unconditional diffusion model on Colored-MNIST-like data (measurement only).
 
 Three figures tell whether samples look like the data, each with the real images' own value beside it:
-- **recognised**: the fraction of images in which the shape probe (`analysis.train_shape_probe`, trained on
+- **recognised**: the fraction of images in which the shape probe (`synthetic_set.train_shape_probe`, fit on
   colour-free real digits with task labels) is confident, max softmax ≥ 0.9: a blob or a half-formed
   stroke is read with low confidence, so this counts digit-like shapes;
-- **palette_close**: the fraction whose foreground colour direction (`analysis.foreground_colour`, max
+- **palette_close**: the fraction whose foreground colour direction (`synthetic_set.foreground_colour`, max
   channel 1) lies within `palette_margin()` of the nearest palette colour (≈ 0.083 for the LfF palette:
   half the smallest gap between two palette colours, so a "close" colour belongs to exactly one palette
   entry; real images, coloured with noise of std 0.005, all fall within it). No foreground = not close;
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from diffinject.data.cmnist import LFF_COLORS
 from diffinject.diffusion import ddim_generate, ddim_timesteps, from_model_space
-from diffinject.report import analysis
+from diffinject.measures import synthetic_set
 
 #: a digit is recognised when the probe's max softmax probability reaches this
 RECOGNISED_THRESHOLD = 0.9
@@ -48,7 +48,9 @@ def probe_outputs(
     the probe uses to tell digits apart, so it is sensitive to shape and blind to colour.
     """
     if not isinstance(probe, nn.Sequential) or not isinstance(probe[-1], nn.Linear):
-        raise TypeError("probe_outputs expects a Sequential ending in a Linear (analysis.build_shape_probe)")
+        raise TypeError(
+            "probe_outputs expects a Sequential ending in a Linear (synthetic_set.build_shape_probe)"
+        )
     was_training = probe.training
     probe.eval()
     x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))
@@ -75,15 +77,15 @@ def palette_close_rate(
 ) -> float:
     """Fraction of RGB images whose foreground colour is within `max_distance` of a palette colour.
 
-    Distances are in brightness-normalised RGB (`analysis.nearest_palette`); the default threshold is
-    `analysis.palette_margin(palette)`, the same "off palette" line the synthetic-set report uses.
+    Distances are in brightness-normalised RGB (`synthetic_set.nearest_palette`); the default threshold is
+    `synthetic_set.palette_margin(palette)`, the same "off palette" line the synthetic-set report uses.
     Images without a foreground count as not close (a black sample is not a coloured digit).
     """
     images = _numpy_images(images)
     if len(images) == 0:
         return float("nan")
-    limit = analysis.palette_margin(palette) if max_distance is None else float(max_distance)
-    _, distance = analysis.nearest_palette(analysis.foreground_colour(images), palette)
+    limit = synthetic_set.palette_margin(palette) if max_distance is None else float(max_distance)
+    _, distance = synthetic_set.nearest_palette(synthetic_set.foreground_colour(images), palette)
     return float((np.nan_to_num(distance, nan=np.inf) <= limit).mean())
 
 
@@ -139,8 +141,8 @@ def real_quality(
     generator would reach, `frechet_floor` included.
     """
     reference, held_out = _numpy_images(real_images), _numpy_images(held_out)
-    _, reference_hidden = probe_outputs(probe, analysis.shape_gray(reference))
-    held_probs, held_hidden = probe_outputs(probe, analysis.shape_gray(held_out))
+    _, reference_hidden = probe_outputs(probe, synthetic_set.shape_gray(reference))
+    held_probs, held_hidden = probe_outputs(probe, synthetic_set.shape_gray(held_out))
     figures = {
         "real_recognised": recognised_rate(held_probs, threshold),
         "real_palette_close": palette_close_rate(held_out, palette, max_distance),
@@ -148,7 +150,7 @@ def real_quality(
         "num_real": int(len(reference)),
         "num_held_out": int(len(held_out)),
         "recognised_threshold": float(threshold),
-        "palette_close_limit": analysis.palette_margin(palette)
+        "palette_close_limit": synthetic_set.palette_margin(palette)
         if max_distance is None
         else float(max_distance),
     }
@@ -166,7 +168,7 @@ def sample_figures(
 ) -> dict[str, Any]:
     """recognised, palette_close and frechet (against the reference's features) of [0, 1] RGB samples."""
     samples = _numpy_images(samples)
-    probs, hidden = probe_outputs(probe, analysis.shape_gray(samples))
+    probs, hidden = probe_outputs(probe, synthetic_set.shape_gray(samples))
     return {
         "recognised": recognised_rate(probs, threshold),
         "palette_close": palette_close_rate(samples, palette, max_distance),
@@ -219,12 +221,12 @@ def build_reference(
 ) -> QualityReference:
     """Hold out `num_held_out` real images (`split_held_out`), train the shape probe on the rest.
 
-    The probe defaults are `analysis.train_shape_probe`'s, so the figures match the h-space probe's.
+    The probe defaults are `synthetic_set.train_shape_probe`'s, so the figures match the h-space probe's.
     """
     images, labels = _numpy_images(images), np.asarray(labels)
     keep, held = split_held_out(len(images), num_held_out, seed)
-    gray = analysis.shape_gray(images[keep])
-    probe = analysis.train_shape_probe(
+    gray = synthetic_set.shape_gray(images[keep])
+    probe = synthetic_set.train_shape_probe(
         gray, labels[keep], num_classes, iterations=probe_iterations, seed=seed
     )
     options: dict[str, Any] = {"threshold": threshold, "max_distance": max_distance}
