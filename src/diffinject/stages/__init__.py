@@ -1,5 +1,10 @@
 """Stage LightningModules, importable by short class name from the CLI configs."""
 
+from diffinject.stages.a2_adapt import A2Adaptation as A2Adaptation
+from diffinject.stages.a2_source import A2SourceGAN as A2SourceGAN
+from diffinject.stages.a2_translate import A2Translate as A2Translate
+from diffinject.stages.amplibias import AmpliBiasGAN as AmpliBiasGAN
+from diffinject.stages.amplibias_generate import AmpliBiasGenerate as AmpliBiasGenerate
 from diffinject.stages.classifiers import BiasClassifier as BiasClassifier
 from diffinject.stages.classifiers import VanillaClassifier as VanillaClassifier
 from diffinject.stages.debias import DebiasClassifier as DebiasClassifier
