@@ -81,8 +81,8 @@ pipeline: $(STAMP) ## Every stage + report, resumable (DATASET=cmnist|ccifar10|b
 	$(PIPELINE)
 
 .PHONY: baselines
-baselines: $(STAMP) ## Vanilla, LfF, DisEnt, LfF+BE, DisEnt+BE and the GCE bias classifier (+ top-K) per seed, then the report
-	$(PIPELINE) --stages vanilla lff disent lff_be disent_be bias
+baselines: $(STAMP) ## Vanilla, LfF, DisEnt, LfF+BE, DisEnt+BE, A², AmpliBias (+ their two controls) and the GCE bias classifier (+ top-K) per seed, then the report
+	$(PIPELINE) --stages vanilla lff disent lff_be disent_be a2 a2_nocdc amplibias topk_oversample bias
 
 .PHONY: report
 report: $(STAMP) ## Rebuild runs/$(DATASET)/$(PCT)/report from what is there

@@ -22,13 +22,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diffinject.cli import main
 from diffinject.data import CMNISTDataModule
 from diffinject.data.synthetic import read_synthetic_manifest
+from diffinject.data.topk_images import TopKImagesDataModule
 from diffinject.diffusion import to_model_space
 from diffinject.nets import build_classifier
-from diffinject.stages import A2Adaptation
-from diffinject.stages.a2_adapt import A2TopKDataModule
-from diffinject.stages.a2_export import GENERATOR_FILE, INFO_FILENAME, load_gan_export
+from diffinject.nets.gan_fast import FastGenerator
+from diffinject.nets.gan_style import StyleDiscriminator, StyleGenerator
+from diffinject.stages import A2Adaptation, A2Translate, AmpliBiasGenerate
 from diffinject.stages.a2_inversion import invert
 from diffinject.stages.a2_translate import A2TranslateDataModule, class_probabilities
+from diffinject.stages.gan_export import GAN_INFO, GAN_WEIGHTS, load_gan_export, save_gan_export
 from inject_helpers import write_topk
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -128,11 +130,11 @@ def adapted(workdir: Path):
 
 def test_source_fit_exports_ema_generator_and_grid(workdir: Path) -> None:
     run = _runs(workdir) / "a2_source"
-    export = load_gan_export(run / "generator", discriminator=True)
+    export = load_gan_export(run / "generator", StyleGenerator, discriminator_class=StyleDiscriminator)
     info = export.info
     assert info["global_step"] == 3 and info["stage"] == "a2_source" and info["weights"] == "ema"
     assert (info["image_size"], info["channels"], info["model_size"]) == (28, 3, 8)
-    assert info["generator"] == {
+    assert info["generator_class"] == "StyleGenerator" and info["generator_args"] == {
         "model_size": 8, "channels": 3, "z_dim": 8, "w_dim": 8, "mapping_layers": 1,
         "width": 4, "max_width": 8,
     }  # fmt: skip
@@ -148,11 +150,13 @@ def test_source_resumes_step_count_and_ema(workdir: Path, tmp_path: Path) -> Non
     _run("fit", "a2_source", tmp_path, "--trainer.max_steps", "2", *tiny)
     resumed = _run("fit", "a2_source", tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last", *tiny)
     assert resumed.trainer.global_step == 4 and int(resumed.model.ema_updates) == 4
-    assert load_gan_export(_runs(tmp_path) / "a2_source" / "generator").info["global_step"] == 4
+    assert (
+        load_gan_export(_runs(tmp_path) / "a2_source" / "generator", StyleGenerator).info["global_step"] == 4
+    )
 
 
 def test_adaptation_trains_the_target_not_the_source(workdir: Path, adapted) -> None:
-    source = load_gan_export(_runs(workdir) / "a2_source" / "generator")
+    source = load_gan_export(_runs(workdir) / "a2_source" / "generator", StyleGenerator)
     model = adapted.model
     assert adapted.trainer.global_step == 3 and model.consistency_evaluations == 3
     for name, value in source.generator.state_dict().items():
@@ -163,7 +167,7 @@ def test_adaptation_trains_the_target_not_the_source(workdir: Path, adapted) -> 
         if not torch.equal(v, source.generator.state_dict()[n])
     ]
     assert changed and not any(n.startswith("mapping.") for n in changed)  # W stays shared
-    export = load_gan_export(_runs(workdir) / "a2_adapt" / "generator")
+    export = load_gan_export(_runs(workdir) / "a2_adapt" / "generator", StyleGenerator)
     assert export.info["source"]["generator_sha256"] == source.generator_sha256
     assert export.info["stage"] == "a2_adapt" and export.info["topk_images"] == 20  # K = 2 × 10 classes
     assert export.info["consistency_weight"] == 1000.0
@@ -185,7 +189,7 @@ def test_zero_consistency_weight_never_computes_the_term(
     )  # fmt: skip
     assert cli.model.consistency_evaluations == 0
     assert "train/consistency" not in cli.trainer.logged_metrics
-    assert load_gan_export(tmp_path / "control").info["consistency_weight"] == 0.0
+    assert load_gan_export(tmp_path / "control", StyleGenerator).info["consistency_weight"] == 0.0
 
 
 def test_consistency_term_is_zero_until_the_target_moves(workdir: Path) -> None:
@@ -200,7 +204,7 @@ def test_consistency_term_is_zero_until_the_target_moves(workdir: Path) -> None:
 
 
 def test_inversion_reduces_its_loss(workdir: Path) -> None:
-    generator = load_gan_export(_runs(workdir) / "a2_source" / "generator").generator
+    generator = load_gan_export(_runs(workdir) / "a2_source" / "generator", StyleGenerator).generator
     start = generator.mean_w(256, generator=torch.Generator().manual_seed(0))
     reachable = generator(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)))
     result = invert(generator, reachable, start, steps=60, lr=0.1)
@@ -271,39 +275,63 @@ def test_translate_writes_a_resumable_manifest_of_pseudo_aligned_images(workdir:
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_missing_or_incomplete_export_names_the_file(workdir: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nowhere/generator not found .*a2_source\.yaml"):
+    with pytest.raises(FileNotFoundError, match=rf"nowhere/generator/{GAN_INFO} not found .*a2_source\.yaml"):
         A2Adaptation(str(tmp_path / "nowhere" / "generator"))
     broken = tmp_path / "generator"
     shutil.copytree(_runs(workdir) / "a2_source" / "generator", broken)
-    (broken / GENERATOR_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{broken / GENERATOR_FILE} not found"):
+    (broken / GAN_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{broken / GAN_WEIGHTS} not found"):
         A2Adaptation(str(broken))
 
 
 def test_wrong_shaped_export_names_the_file(workdir: Path, tmp_path: Path) -> None:
     export = tmp_path / "generator"
     shutil.copytree(_runs(workdir) / "a2_source" / "generator", export)
-    info = json.loads((export / INFO_FILENAME).read_text())
-    info["generator"]["width"] = 8  # the weights were saved at width 4
-    (export / INFO_FILENAME).write_text(json.dumps(info))
-    with pytest.raises(ValueError, match=rf"{export / GENERATOR_FILE} does not fit .*shape mismatches"):
+    info = json.loads((export / GAN_INFO).read_text())
+    info["generator_args"]["width"] = 8  # the weights were saved at width 4
+    (export / GAN_INFO).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=rf"{export / GAN_WEIGHTS} does not fit .*shape mismatches"):
         A2Adaptation(str(export))
     with pytest.raises(
-        ValueError, match=rf"a2_source/generator/{INFO_FILENAME}: the export has channels=3.*channels=1"
+        ValueError, match=rf"a2_source/generator/{GAN_INFO}: the export has channels=3.*channels=1"
     ):
         A2Adaptation(str(_runs(workdir) / "a2_source" / "generator"), channels=1)
 
 
-def _topk_module(workdir: Path, topk: Path) -> A2TopKDataModule:
+def test_export_of_another_kind_or_stage_is_refused_naming_it(workdir: Path, adapted, tmp_path: Path) -> None:
+    args = {"model_size": 16, "channels": 3, "nz": 8, "width": 4, "max_width": 16}
+    info = {
+        "stage": "amplibias_gan",
+        "generator_args": args,
+        "model_size": 16,
+        "channels": 3,
+        "image_size": 28,
+    }
+    fast = save_gan_export(FastGenerator(**args), tmp_path / "amplibias_gan", info)
+    source, adapted_dir = (_runs(workdir) / stage / "generator" for stage in ("a2_source", "a2_adapt"))
+    wrong_class = rf"{fast / GAN_INFO}: holds a FastGenerator generator .*a StyleGenerator was expected"
+    with pytest.raises(ValueError, match=wrong_class):
+        A2Adaptation(str(fast))
+    with pytest.raises(ValueError, match=wrong_class):
+        A2Translate(str(source), str(fast))
+    with pytest.raises(
+        ValueError, match=rf"{adapted_dir / GAN_INFO}: written by stage 'a2_adapt'.*a2_source"
+    ):
+        A2Adaptation(str(adapted_dir))  # an adapted generator is no source
+    with pytest.raises(ValueError, match=rf"{source / GAN_INFO}: holds a StyleGenerator .*FastGenerator"):
+        AmpliBiasGenerate(str(source))
+
+
+def _topk_module(workdir: Path, topk: Path) -> TopKImagesDataModule:
     data = CMNISTDataModule(root=str(workdir / "data"), source="embedded", ratio=0.01)
-    return A2TopKDataModule(data, str(topk))
+    return TopKImagesDataModule(data, str(topk))
 
 
 def test_empty_topk_class_or_file_names_topk_csv(workdir: Path, tmp_path: Path) -> None:
     lines = (_runs(workdir) / "bias" / "topk.csv").read_text().splitlines()
     no_three = tmp_path / "topk.csv"
     no_three.write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[1] != "3"]) + "\n")
-    with pytest.raises(ValueError, match=rf"{no_three} has no row for class\(es\) \[3\]"):
+    with pytest.raises(ValueError, match=rf"{no_three} has no rows for class\(es\) \[3\]"):
         _topk_module(workdir, no_three).setup("fit")
     no_three.write_text(lines[0] + "\n")
     with pytest.raises(ValueError, match=rf"{no_three} has no rows"):

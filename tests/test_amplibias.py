@@ -27,14 +27,14 @@ from diffinject.data.synthetic import read_synthetic_manifest
 from diffinject.data.topk_images import TopKImagesDataModule, TopKPool
 from diffinject.nets.gan_fast import FastGenerator
 from diffinject.stages.amplibias_generate import AmpliBiasGenerate
-from diffinject.stages.gan_export import GAN_INFO, GAN_WEIGHTS, load_gan_weights, save_gan_export
+from diffinject.stages.gan_export import GAN_INFO, GAN_WEIGHTS, load_gan_export, save_gan_export
 from inject_helpers import write_topk
 
 K = 2  # top-K per class: 20 digits
 RATIO = 0.005  # 18 samples of the 3,600 embedded training digits
 TINY = {"model_size": 16, "nz": 8, "g_width": 4, "d_width": 4, "max_width": 16}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cmnist"
-SHIPPED = ("amplibias", "amplibias_generate")
+SHIPPED = ("amplibias_gan", "amplibias_generate")
 
 
 @pytest.fixture(autouse=True)
@@ -146,8 +146,9 @@ def test_fit_through_cli_exports_the_ema_generator(fitted: tuple[Path, Any]) -> 
     info = json.loads((export / GAN_INFO).read_text())
     assert (info["model_size"], info["channels"], info["image_size"], info["global_step"]) == (16, 3, 28, 3)
     assert info["generator_args"]["width"] == 4 and info["weights"] == "ema"
+    assert (info["stage"], info["generator_class"]) == ("amplibias_gan", "FastGenerator")
     assert info["topk"]["num_images"] == 10 * K and info["topk"]["per_class"] == [K] * 10
-    net = load_gan_weights(FastGenerator(**info["generator_args"]), export, info)
+    net = load_gan_export(export, FastGenerator).generator
     for key, value in cli.model.ema_generator.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
     assert not torch.equal(cli.model.ema_generator.to_image[0].parametrizations.weight.original,
@@ -196,7 +197,17 @@ def test_shipped_configs_run_and_hand_over_the_export(fitted: tuple[Path, Any]) 
     tiny = [
         f"--model.init_args.{k}={v}" for k, v in {**TINY, "num_samples": 2, "calibration_batches": 1}.items()
     ]
-    main(["fit", "--config", str(root / "shipped_amplibias.yaml"), "--trainer.max_steps", "1", *data, *tiny])
+    main(
+        [
+            "fit",
+            "--config",
+            str(root / "shipped_amplibias_gan.yaml"),
+            "--trainer.max_steps",
+            "1",
+            *data,
+            *tiny,
+        ]
+    )
     main(
         [
             "predict",

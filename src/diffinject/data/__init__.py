@@ -10,3 +10,5 @@ from diffinject.data.folder import BFFHQDataModule as BFFHQDataModule
 from diffinject.data.folder import DogsCatsDataModule as DogsCatsDataModule
 from diffinject.data.folder import FolderDataModule as FolderDataModule
 from diffinject.data.pairs import InjectionPairsDataModule as InjectionPairsDataModule
+from diffinject.data.topk_images import GeneratorSamplesDataModule as GeneratorSamplesDataModule
+from diffinject.data.topk_images import TopKImagesDataModule as TopKImagesDataModule

@@ -1,5 +1,8 @@
 """The seed's top-K images as data for the GAN baselines (issue 22): a training loader and a sampling plan.
 
+One home for both baselines: A²'s adaptation and AmpliBias's GAN train on `TopKImagesDataModule` (labels
+served but unused by the GANs), AmpliBias samples with `GeneratorSamplesDataModule`.
+
 Both modules wrap a dataset module (`data`, as `InjectionPairsDataModule` does, so the workflow's data-section
 edits reach it) and read the bias stage's `topk.csv` (`pairs.read_scores`, checked against the training
 split).
@@ -28,7 +31,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from diffinject.data.base import BiasedDataModule
-from diffinject.data.pairs import KSource, _labels_and_biases, check_scores, read_scores, select_content_pool
+from diffinject.data.pairs import (
+    KSource,
+    _labels_and_biases,
+    check_scores,
+    read_scores,
+    select_content_pool,
+    topk_stage_hint,
+)
 
 log = logging.getLogger("diffinject.data")
 
@@ -65,8 +75,8 @@ def load_topk_pool(
     if empty:
         raise ValueError(
             f"top-K file {topk} has no rows for class(es) {empty} (of {num_classes}): a generator trained on "
-            "this pool could not make them and the label rule could never give them; rerun the top-K stage "
-            "with per_class: true"
+            "this pool could not make them and the label rule could never give them; rerun "
+            f"`{topk_stage_hint(Path(topk))}` with per_class: true"
         )
     images = torch.stack([source[int(i)]["image"].float() for i in indices])
     return TopKPool(Path(topk), indices, labels[indices], biases[indices], images, len(source))
@@ -126,13 +136,15 @@ class _PoolImages(Dataset):
 
 
 class TopKImagesDataModule(_TopKSource):
-    """Fit data of a GAN trained on the top-K only: `iterations_per_epoch` batches drawn with replacement.
+    """Fit data of a GAN on the top-K (A²'s adaptation, AmpliBias): batches drawn with replacement.
+
+    Items are {image, label, index}; the GANs read the image only.
 
     Args:
         data: the dataset module (its `train_eval_dataset` is read).
         topk: the seed's `topk.csv` (runs/{dataset}/{pct}/bias/topk.csv).
         k: pool size per class (`per_class`) or overall (`global`); null: every row of the file.
-        batch_size: images per GAN iteration (FastGAN: 8).
+        batch_size: images per GAN iteration (FastGAN: 8; CDC: 4).
         iterations_per_epoch: batches an epoch (epochs only pace logging; `trainer.max_steps` ends the run).
     """
 

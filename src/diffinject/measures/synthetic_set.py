@@ -342,3 +342,24 @@ def load_images(paths: list[Path], channels: int = 3) -> np.ndarray:
     if len(shapes) > 1:
         raise ValueError(f"synthetic images differ in size {sorted(shapes)} (first {paths[0]})")
     return np.stack(arrays) if arrays else np.zeros((0, channels, 1, 1), dtype=np.uint8)
+
+
+def generated_stats(
+    shape: np.ndarray | None, colour: np.ndarray, labels: np.ndarray, distances: np.ndarray, margin: float
+) -> dict[str, float | None]:
+    """A generator's images against their labels (no style image to compare with, unlike injection):
+    the probe reads the label, the colour conflicts with it, and both at once — a *new combination*, the
+    bias-conflicting image of the right class these baselines exist to add."""
+    labels, colour = np.asarray(labels), np.asarray(colour)
+    found = colour >= 0
+    stats: dict[str, float | None] = {
+        "colour_conflicts_label": _fraction(colour != labels, found),
+        "off_palette": _fraction(np.nan_to_num(distances, nan=0.0) > margin, found),
+        "shape_is_label": None,
+        "new_combination": None,
+    }
+    if shape is not None:
+        reads = np.asarray(shape) == labels
+        stats["shape_is_label"] = float(reads.mean())
+        stats["new_combination"] = float((reads & found & (colour != labels)).mean())
+    return stats

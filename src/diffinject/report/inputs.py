@@ -28,26 +28,37 @@ METHODS = (
     ("disent", "DisEnt"),
     ("lff_be", "LfF+BE"),
     ("disent_be", "DisEnt+BE"),
+    ("a2", "A²"),
+    ("a2_nocdc", "A² without the consistency term (control)"),
+    ("amplibias", "AmpliBias"),
+    ("topk_oversample", "top-K oversampling (control)"),
     ("debias", "DiffInject"),
     ("bias", "GCE bias (reference)"),
 )
-COMPARED = ("vanilla", "lff", "disent", "lff_be", "disent_be", "debias")
-#: what `make baselines` runs (the Makefile's `--stages`): the table's note says which of them it would add
-BASELINE_STAGES = ("vanilla", "lff", "disent", "lff_be", "disent_be", "bias")
-#: per-seed stage folders whose configs the report lists, and the order of the knob table
-SEED_STAGES = ("vanilla", "lff", "disent", "lff_be", "disent_be", "bias", "inject", "debias")
-KNOB_ORDER = (
-    "vanilla",
-    "lff",
-    "disent",
-    "lff_be",
-    "disent_be",
-    "bias",
-    "topk",
-    "diffusion",
-    "inject",
+COMPARED = (
+    "vanilla", "lff", "disent", "lff_be", "disent_be", "a2", "a2_nocdc", "amplibias", "topk_oversample",
     "debias",
+)  # fmt: skip
+#: what `make baselines` runs (the Makefile's `--stages`): the table's note says which of them it would add
+BASELINE_STAGES = (
+    "vanilla", "lff", "disent", "lff_be", "disent_be", "a2", "a2_nocdc", "amplibias", "topk_oversample",
+    "bias",
+)  # fmt: skip
+#: the generator stages whose images a row trains on (the report measures them as it does the inject stage's)
+GENERATED_SETS = (
+    ("a2_translate", "A²"),
+    ("a2_nocdc_translate", "A², no consistency"),
+    ("amplibias_generate", "AmpliBias"),
 )
+#: per-seed stage folders whose configs the report lists, and the order of the knob table
+SEED_STAGES = (
+    "vanilla", "lff", "disent", "lff_be", "disent_be", "bias", "inject", "debias", "a2_adapt", "a2_translate",
+    "a2", "amplibias_gan", "amplibias_generate", "amplibias",
+)  # fmt: skip
+KNOB_ORDER = (
+    "vanilla", "lff", "disent", "lff_be", "disent_be", "bias", "topk", "diffusion", "inject", "debias",
+    "a2_source", "a2_adapt", "a2_translate", "a2", "amplibias_gan", "amplibias_generate", "amplibias",
+)  # fmt: skip
 #: the table's accuracy columns. Worst-group is not among them: with many small (class, bias) test groups
 #: (Colored MNIST at 1 %: 100 groups of ~10 images) some group is at 0 % for every method, so it tells nothing
 #: apart; the worst class on the conflicting images pools a class's groups instead.
@@ -112,6 +123,22 @@ KEY_KNOBS: dict[str, tuple[tuple[str, str], ...]] = {
         ("data", "synthetic_control"),
     ),
 }
+KEY_KNOBS.update(
+    {
+        "a2_source": (("trainer", "max_steps"), ("model", "model_size"), ("model", "width"), ("model", "lr")),
+        "a2_adapt": (("trainer", "max_steps"), ("model", "consistency_weight"), ("model", "lr")),
+        "a2_translate": (("model", "inversion_steps"), ("data", "ratio"), ("data", "min_confidence")),
+        "amplibias_gan": (
+            ("trainer", "max_steps"),
+            ("model", "model_size"),
+            ("model", "lr"),
+            ("model", "policy"),
+        ),  # fmt: skip
+        "amplibias_generate": (("model", "label_space"), ("data", "ratio")),
+        "a2": (("model", "loss"), ("model", "lr"), ("trainer", "max_epochs")),
+        "amplibias": (("model", "loss"), ("model", "lr"), ("trainer", "max_epochs")),
+    }
+)
 KEY_KNOBS["lff_be"] = (*KEY_KNOBS["lff"], ("model", "bias_ensemble"))
 KEY_KNOBS["disent_be"] = (*KEY_KNOBS["disent"], ("model", "bias_ensemble"))
 #: stage → sections whose every other scalar init arg is listed too (variants add their options there)
@@ -230,7 +257,7 @@ def _differing_keys(knob_sets: Sequence[dict[str, Any]]) -> list[str]:
 
 def collect_configs(root: Path, seeds: Sequence[int]) -> dict[str, Any]:
     """Every config file of the run and each stage's key knobs (from the first seed; differences flagged)."""
-    folders: dict[str, list[Path]] = {"diffusion": [root / "diffusion"]}
+    folders: dict[str, list[Path]] = {"diffusion": [root / "diffusion"], "a2_source": [root / "a2_source"]}
     for stage in SEED_STAGES:
         folders[stage] = [root / f"seed{s}" / stage for s in seeds]
     folders["topk"] = [root / f"seed{s}" / "bias" / "topk" for s in seeds]

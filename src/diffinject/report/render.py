@@ -283,6 +283,7 @@ def markdown(results: dict[str, Any]) -> str:
         parts += [f"- {note}" for note in synthetic["notes"]]
     else:
         parts.append("– (no `inject/manifest.csv`: the injection stage was not run)")
+    parts += generated_lines(results.get("generated"))
     parts += ["", "## Gate and premise check (inject stage)", "", *gate_lines(results.get("gate"))]
     parts += ["", "## Wall time", "", "| stage | seconds | per seed |", "|---|---|---|"]
     for stage, entry in results["timings"]["per_stage"].items():
@@ -298,6 +299,42 @@ def markdown(results: dict[str, Any]) -> str:
     if results["notes"]:
         parts += ["", "## Notes", "", *[f"- {n}" for n in results["notes"]]]
     return "\n".join(parts) + "\n"
+
+
+#: (key in the generated-set summary, column) for the generative baselines' image sets
+GENERATED_COLUMNS = (
+    ("size", "images per seed"),
+    ("shape_is_label", "probe reads the label"),
+    ("colour_conflicts_label", "colour conflicts with the label"),
+    ("new_combination", "new combinations"),
+    ("off_palette", "off palette"),
+)
+
+
+def generated_lines(generated: dict[str, Any] | None) -> list[str]:
+    """The generative baselines' image sets, measured like DiffInject's (why a row is where it is)."""
+    if not generated:
+        return []
+    lines = ["", "## Generated sets (A², AmpliBias)", ""]
+    lines.append("| set | seeds | " + " | ".join(label for _, label in GENERATED_COLUMNS) + " |")
+    lines.append("|---|---|" + "---|" * len(GENERATED_COLUMNS))
+    for entry in generated.values():
+        summary = entry["summary"]
+        cells = []
+        for key, _ in GENERATED_COLUMNS:
+            stat = summary.get(key)
+            if key == "size":
+                cells.append(f"{stat['mean']:.0f}" if stat and stat.get("mean") is not None else "–")
+            else:
+                cells.append(pct(stat, digits=1))
+        lines.append(f"| {entry['name']} | {len(entry['per_seed'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "New combinations: the probe reads the label's class and the colour is not that class's (a bias-"
+        "conflicting image of the right class). Measured on Colored MNIST only (shape probe, palette); other "
+        "datasets list the set sizes.",
+    ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -20,7 +20,14 @@ import torch
 
 from diffinject.data.sections import source_data_section
 from diffinject.measures import synthetic_set
-from diffinject.report.inputs import CONFIG_NAMES, mean_std, numeric_leaves, read_yaml, stage_config_path
+from diffinject.report.inputs import (
+    CONFIG_NAMES,
+    GENERATED_SETS,
+    mean_std,
+    numeric_leaves,
+    read_yaml,
+    stage_config_path,
+)
 
 #: data init args that do not change which images the splits hold
 NON_DATA_ARGS = ("batch_size", "num_workers", "synthetic_manifest", "on_bad_image", "synthetic_control")
@@ -285,3 +292,41 @@ def collect_synthetic(
     summary = {name: mean_std([leaf.get(name) for leaf in leaves]) for name in names}
     notes += sorted({note for r in per_seed.values() for note in r["notes"]})
     return {"per_seed": per_seed, "summary": summary, "probe": probe_info, "notes": notes}, first_sample
+
+
+def collect_generated(root: Path, seeds: Sequence[int], report_dir: Path) -> dict[str, Any] | None:
+    """The generative baselines' image sets (`inputs.GENERATED_SETS`), measured as the injection's are where
+    the data allow (Colored MNIST: the shape probe and the palette), with mean ± std over seeds."""
+    sets: dict[str, Any] = {}
+    data_cache: dict[str, DataBundle | None] = {}
+    for stage, name in GENERATED_SETS:
+        per_seed: dict[int, dict[str, Any]] = {}
+        for seed in seeds:
+            path = root / f"seed{seed}" / stage / "manifest.csv"
+            if not path.is_file():
+                continue
+            manifest = synthetic_set.read_manifest(path)
+            result: dict[str, Any] = {"size": len(manifest)}
+            located = find_data_config(root, seed)
+            key = json.dumps(located[1], sort_keys=True, default=str) if located else ""
+            if located is not None and key not in data_cache:
+                try:
+                    data_cache[key] = build_data(*located)
+                except (OSError, ValueError, RuntimeError, ImportError, TypeError):
+                    data_cache[key] = None
+            data = data_cache.get(key)
+            if len(manifest) and data is not None and data.name == "cmnist":
+                images = synthetic_set.load_images(manifest.images, data.channels)
+                colour, distances = synthetic_set.nearest_palette(synthetic_set.foreground_colour(images))
+                probe, _ = shape_probe(data, report_dir)
+                shape = synthetic_set.probe_predict(probe, synthetic_set.shape_gray(images))
+                labels = manifest.columns["label"]
+                margin = synthetic_set.palette_margin()
+                result.update(synthetic_set.generated_stats(shape, colour, labels, distances, margin))
+            per_seed[seed] = result
+        if per_seed:
+            leaves = [numeric_leaves(r) for r in per_seed.values()]
+            names = sorted({n for leaf in leaves for n in leaf})
+            summary = {n: mean_std([leaf.get(n) for leaf in leaves]) for n in names}
+            sets[stage] = {"name": name, "per_seed": per_seed, "summary": summary}
+    return sets or None

@@ -117,6 +117,7 @@ def write_report(
             "samples.png show the injection manifest's images and labels, not the control data it trained on"
         )
     results["synthetic"] = synthetic
+    results["generated"] = rs.collect_generated(root, seeds, report_dir)
     results["gate"] = collect_gate(root, seeds)
     results["notes"] += (results["gate"] or {}).get("notes", [])
     fell_back = [

@@ -13,8 +13,9 @@ and the adapted generator share one W space and an image inverted into the sourc
 the adapted one (CDC trains it at 0.01 × lr, nearly frozen); the discriminator starts from the source
 export's (`init_discriminator: source`, as CDC loads both from the source checkpoint; `fresh` re-initialises
 it); CDC's anchor-region sampling and patch discriminator are configured away (the patch branch never fires
-at 32 px, research note §1.3). The images come from `A2TopKDataModule`: every row of the seed's `topk.csv`
-(all classes pooled, one generator per seed), drawn with replacement, labels unused.
+at 32 px, research note §1.3). The images come from `data.topk_images.TopKImagesDataModule` (as AmpliBias's):
+every row of the seed's `topk.csv` (all classes pooled, one generator per seed), drawn with replacement,
+labels unused.
 """
 
 from __future__ import annotations
@@ -24,35 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 
-from diffinject.data.base import BiasedDataModule
-from diffinject.data.pairs import check_scores, read_scores, select_content_pool, topk_stage_hint
-from diffinject.nets.gan_style import StyleDiscriminator
-from diffinject.stages.a2_export import DISCRIMINATOR_ARGS, load_gan_export
+from diffinject.nets.gan_style import StyleDiscriminator, StyleGenerator
 from diffinject.stages.a2_source import StyleGANStage, check_gan_settings
+from diffinject.stages.gan_export import GAN_INFO, fit_hint, load_gan_export
 from diffinject.stages.gan_losses import distance_consistency_loss, parse_policy, random_anchor_layers
-
-
-def topk_indices(path: Path, labels: np.ndarray, num_classes: int, k: int | None = None) -> np.ndarray:
-    """Training indices of the top-K rows (all, or the k highest-loss per class), sorted; every class present.
-
-    An empty file, rows for another split, or a class without a row is an error naming the file: a class
-    missing from the pool would silently get no bias-conflicting examples to adapt to.
-    """
-    scores = read_scores(path)
-    check_scores(scores, labels)
-    missing = sorted(set(range(num_classes)) - {int(c) for c in scores.labels})
-    if missing:
-        raise ValueError(
-            f"top-K file {path} has no row for class(es) {missing} of {num_classes}: every class needs "
-            f"at least one top-K image; rerun `{topk_stage_hint(path)}`"
-        )
-    if k is None:
-        return np.sort(scores.indices)
-    return select_content_pool(scores, k, "per_class")
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -61,77 +40,6 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     if labels is not None:
         return np.asarray(labels, dtype=np.int64)
     return np.array([int(dataset[i]["label"]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
-
-
-class _Images(Dataset):
-    def __init__(self, images: Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"image": self.images[i]}
-
-
-class A2TopKDataModule(LightningDataModule):
-    """The seed's pooled top-K training images (no augmentation), served with replacement for a GAN.
-
-    Args:
-        data: the dataset module (its `train_eval_dataset`: the training split in index order).
-        topk: the seed's `bias/topk.csv`.
-        k: keep the k highest-loss rows per class (None: every row of the file).
-        batch_size: images per iteration (CDC: 4).
-        batches_per_epoch: length of one epoch of draws (epochs only pace the loop; `max_steps` ends it).
-    """
-
-    def __init__(
-        self,
-        data: BiasedDataModule,
-        topk: str,
-        k: int | None = None,
-        batch_size: int = 8,
-        batches_per_epoch: int = 100,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0 or (k is not None and k < 1):
-            raise ValueError(
-                f"need batch_size, batches_per_epoch, k >= 1 and num_workers >= 0, got {batch_size}, "
-                f"{batches_per_epoch}, {k}, {num_workers}"
-            )
-        self.data, self.topk_path, self.k = data, Path(topk), k
-        self.batch_size, self.batches_per_epoch, self.num_workers = batch_size, batches_per_epoch, num_workers
-        self.name, self.pct = data.name, data.pct
-        self.num_classes, self.image_size, self.channels = data.num_classes, data.image_size, data.channels
-        self.indices: np.ndarray | None = None
-        self.images: Tensor | None = None
-
-    def prepare_data(self) -> None:
-        self.data.prepare_data()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.images is not None:
-            return
-        self.data.setup("fit")
-        source = self.data.train_eval_dataset
-        if source is None:
-            raise RuntimeError(f"{type(self.data).__name__}.setup('fit') did not build train_eval_dataset")
-        self.indices = topk_indices(self.topk_path, dataset_labels(source), self.num_classes, self.k)
-        self.images = torch.stack([source[int(i)]["image"] for i in self.indices]).float()
-
-    def train_dataloader(self) -> DataLoader:
-        if self.images is None:
-            raise RuntimeError("A2TopKDataModule: call setup('fit') first")
-        dataset = _Images(self.images)
-        draws = self.batch_size * self.batches_per_epoch
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=RandomSampler(dataset, replacement=True, num_samples=draws),
-            num_workers=self.num_workers,
-            drop_last=True,
-        )
 
 
 class A2Adaptation(StyleGANStage):
@@ -187,11 +95,16 @@ class A2Adaptation(StyleGANStage):
         if diff_augment:
             parse_policy(diff_augment)
         loaded = load_gan_export(
-            source, expect={"channels": channels}, discriminator=init_discriminator == "source"
+            source,
+            StyleGenerator,
+            hint=fit_hint(source, "a2_source"),
+            stages=("a2_source",),
+            expect={"channels": channels},
+            discriminator_class=StyleDiscriminator if init_discriminator == "source" else None,
         )
         self.source_info = loaded.info
         self.source_sha256 = loaded.generator_sha256
-        self.generator_args = dict(loaded.info["generator"])
+        self.generator_args = dict(loaded.info["generator_args"])
         #: the fixed reference of the consistency term; never trained (no optimiser holds it)
         # train mode only silences Lightning's eval-module warning: the network has no dropout or batch norm
         self.source_generator = loaded.generator.train()
@@ -200,9 +113,9 @@ class A2Adaptation(StyleGANStage):
             self.generator.mapping.requires_grad_(False)
         if loaded.discriminator is not None:
             self.discriminator = loaded.discriminator
-            self.discriminator_args = {k: loaded.info["discriminator"][k] for k in DISCRIMINATOR_ARGS}
+            self.discriminator_args = dict(loaded.info["discriminator_args"])
         else:
-            args = loaded.info.get("discriminator") or {}
+            args = loaded.info.get("discriminator_args") or {}
             self.discriminator_args = {
                 "model_size": self.generator.model_size, "channels": channels,
                 "width": int(args.get("width", self.generator_args["width"])),
@@ -222,7 +135,7 @@ class A2Adaptation(StyleGANStage):
         trained = self.source_info.get("image_size")
         if data_size is not None and trained is not None and int(data_size) != int(trained):
             raise ValueError(
-                f"{Path(self.hparams.source) / 'gan_info.json'}: the source generator was trained on "
+                f"{Path(self.hparams.source) / GAN_INFO}: the source generator was trained on "
                 f"{trained}-px images, but the data module serves {data_size} px"
             )
 
@@ -252,15 +165,14 @@ class A2Adaptation(StyleGANStage):
         info = super().export_info()
         datamodule = getattr(self.trainer, "datamodule", None)
         topk = getattr(datamodule, "topk_path", None)
+        pool = getattr(datamodule, "pool", None)
         info["source"] = {
             "path": str(self.hparams.source),
             "generator_sha256": self.source_sha256,
             "global_step": self.source_info.get("global_step"),
         }
         info["topk"] = None if topk is None else str(topk)
-        info["topk_images"] = (
-            None if getattr(datamodule, "indices", None) is None else len(datamodule.indices)
-        )
+        info["topk_images"] = None if pool is None else len(pool.indices)
         info["consistency_weight"] = float(self.hparams.consistency_weight)
         info["train_mapping"] = bool(self.hparams.train_mapping)
         return info

@@ -7,7 +7,7 @@ discriminator step (non-saturating logistic loss, lazy R1 on reals every `r1_eve
 Adam optimisers. Only the generator's optimiser step counts as a trainer step, so `trainer.max_steps` is
 the number of iterations (the discriminator's optimiser is stepped directly; 32-bit or bf16 precision only,
 since that step bypasses a 16-bit loss scaler). An EMA copy of the generator (decay warm-up as the diffusion
-stage's) draws the TensorBoard sample grids and is what `on_fit_end` exports (`stages.a2_export`), with the
+stage's) draws the TensorBoard sample grids and is what `on_fit_end` exports (`stages.gan_export`), with the
 discriminator for the adaptation stage.
 
 Scaled down from A²'s source GAN (rosinality StyleGAN2 at 32 px, batch 16/32, lr 0.002, r1 10 every 16,
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from diffinject.diffusion.preprocess import from_model_space, to_model_space
 from diffinject.nets.gan_style import StyleDiscriminator, StyleGenerator
-from diffinject.stages.a2_export import save_gan_export
 from diffinject.stages.diffusion import ema_decay_at
+from diffinject.stages.gan_export import save_gan_export
 from diffinject.stages.gan_losses import (
     diff_augment,
     logistic_d_loss,
@@ -200,15 +200,15 @@ class StyleGANStage(LightningModule):
             log_image_grid(self.trainer.loggers, f"samples/{self.stage_name}_ema", images, step)
 
     def export_info(self) -> dict[str, Any]:
-        """What the later A² stages need to rebuild the networks (gan_info.json)."""
+        """What the later A² stages need to rebuild the networks (gan_info.json; the classes: the writer)."""
         hp = self.hparams
         return {
             "stage": self.stage_name,
             "image_size": int(hp.image_size),
             "channels": int(hp.channels),
             "model_size": int(self.generator.model_size),
-            "generator": dict(self.generator_args),
-            "discriminator": dict(self.discriminator_args),
+            "generator_args": dict(self.generator_args),
+            "discriminator_args": dict(self.discriminator_args),
             "weights": "ema",
             "ema_decay": float(hp.ema_decay),
             "global_step": int(self.global_step),
@@ -222,7 +222,7 @@ class StyleGANStage(LightningModule):
         # Also runs when `--ckpt_path last` finds training finished, so a lost export is rewritten.
         if not self.trainer.is_global_zero:
             return
-        path = save_gan_export(self.export_path(), self.generator_ema, self.export_info(), self.discriminator)
+        path = save_gan_export(self.generator_ema, self.export_path(), self.export_info(), self.discriminator)
         rank_zero_info(f"Exported the EMA generator (step {self.global_step}) and discriminator to {path}")
 
 

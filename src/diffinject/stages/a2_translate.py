@@ -38,9 +38,10 @@ from diffinject.data.base import BiasedDataModule
 from diffinject.data.pairs import check_scores, read_scores
 from diffinject.data.tempdirs import write_json_atomic
 from diffinject.diffusion.preprocess import from_model_space, to_model_space
+from diffinject.nets.gan_style import StyleGenerator
 from diffinject.stages.a2_adapt import dataset_labels
-from diffinject.stages.a2_export import GENERATOR_ARGS, INFO_FILENAME, load_gan_export
 from diffinject.stages.a2_inversion import invert, penultimate_features
+from diffinject.stages.gan_export import GAN_INFO, fit_hint, load_gan_export
 from diffinject.stages.image_grid import log_image_grid
 from diffinject.stages.weights import load_classifier_checkpoint
 
@@ -238,12 +239,13 @@ class A2Translate(LightningModule):
             raise ValueError(
                 f"feature_weight={feature_weight} needs feature_weight >= 0 and, if > 0, a bias_model"
             )
-        src = load_gan_export(source)
-        adp = load_gan_export(adapted, expect={k: src.info["generator"][k] for k in GENERATOR_ARGS})
+        src = load_gan_export(source, StyleGenerator, fit_hint(source, "a2_source"), ("a2_source",))
+        same = dict(src.info["generator_args"])  # the adaptation keeps the architecture (and W)
+        adp = load_gan_export(adapted, StyleGenerator, fit_hint(adapted, "a2_adapt"), ("a2_adapt",), same)
         recorded = (adp.info.get("source") or {}).get("generator_sha256")
         if recorded is not None and recorded != src.generator_sha256:
             raise ValueError(
-                f"{Path(adapted) / INFO_FILENAME}: adapted from a source generator with sha256 "
+                f"{Path(adapted) / GAN_INFO}: adapted from a source generator with sha256 "
                 f"{recorded[:16]}…, but {source} holds {src.generator_sha256[:16]}… (retrained?); "
                 "rerun the adaptation"
             )
@@ -284,7 +286,7 @@ class A2Translate(LightningModule):
             raise TypeError(
                 f"A2Translate needs A2TranslateDataModule as its data, got {type(datamodule).__name__}"
             )
-        info_file = Path(self.hparams.source) / INFO_FILENAME
+        info_file = Path(self.hparams.source) / GAN_INFO
         for key in ("channels", "image_size"):
             theirs = getattr(datamodule, key, None)
             if theirs is not None and int(theirs) != int(self.source_info[key]):

@@ -32,7 +32,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from diffinject.diffusion.preprocess import PREPROCESS_RULE, from_model_space, to_model_space
+from diffinject.diffusion.preprocess import from_model_space, to_model_space
 from diffinject.nets.fingerprint import file_sha256
 from diffinject.nets.gan_fast import FastDiscriminator, FastGenerator
 from diffinject.stages.diffusion import ema_decay_at
@@ -48,7 +48,8 @@ from diffinject.stages.gan_losses import (
 )
 from diffinject.stages.image_grid import log_image_grid
 
-KIND = "amplibias-fastgan"
+#: the stage recorded in gan_info.json (and the config that writes the export)
+STAGE = "amplibias_gan"
 
 
 @torch.no_grad()
@@ -269,16 +270,17 @@ class AmpliBiasGAN(LightningModule):
             log_image_grid(self.trainer.loggers, "amplibias/samples_ema", images, step)
 
     def export_info(self) -> dict[str, Any]:
-        """What `AmpliBiasGenerate` needs to rebuild the generator and check it fits the data and top-K."""
+        """What `AmpliBiasGenerate` needs to rebuild the generator and check it fits the data and top-K.
+
+        The writer adds `format`, `preprocess` and `generator_class` (`stages.gan_export`).
+        """
         hp = self.hparams
         return {
-            "kind": KIND,
-            "generator_class": "FastGenerator",
+            "stage": STAGE,
             "generator_args": dict(self.generator_args),
             "model_size": self.model_size,
             "channels": int(hp.channels),
             "image_size": int(hp.image_size),
-            "preprocess": PREPROCESS_RULE,
             "weights": "ema",
             "ema_decay": float(hp.ema_decay),
             "batchnorm": f"recalibrated on {hp.calibration_batches} batches of the EMA generator's samples",

@@ -33,13 +33,13 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from diffinject.diffusion.preprocess import PREPROCESS_RULE, from_model_space
+from diffinject.diffusion.preprocess import from_model_space
 from diffinject.nets.gan_fast import FastGenerator
-from diffinject.stages.gan_export import GAN_INFO, gan_weights_sha256, load_gan_weights, read_gan_info
+from diffinject.stages.gan_export import GAN_INFO, load_gan_export
 from diffinject.stages.weights import load_classifier_checkpoint
 
 LABEL_SPACES = ("pixel", "bias_features")
-FIT_HINT = "diffinject fit --config configs/<dataset>/amplibias.yaml"
+FIT_HINT = "diffinject fit --config configs/<dataset>/amplibias_gan.yaml"
 #: quantiles reported for both distance distributions
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
@@ -117,7 +117,7 @@ class AmpliBiasGenerate(LightningModule):
     """Predict-only: noise seeds in, 8-bit samples at the data's size + their manifest rows out.
 
     Args:
-        generator: the fit stage's export folder (runs/{dataset}/{pct}/amplibias/generator).
+        generator: the fit stage's export folder (runs/{dataset}/{pct}/amplibias_gan/generator).
         label_space: where "nearest top-K image" is measured: "pixel" (data space) or "bias_features".
         bias_model: the seed's bias checkpoint (bias/checkpoints/best.ckpt), for label_space bias_features.
         micro_batch: samples per generator pass (fixed shape, last chunk padded).
@@ -140,34 +140,12 @@ class AmpliBiasGenerate(LightningModule):
             )
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-        export = Path(generator)
-        self.info = read_gan_info(export, FIT_HINT)
-        info_path = export / GAN_INFO
-        if self.info.get("generator_class") != "FastGenerator":
-            raise ValueError(
-                f"{info_path}: generator_class {self.info.get('generator_class')!r} is not AmpliBias's "
-                "FastGenerator (an A² export?)"
-            )
-        if self.info.get("preprocess") != PREPROCESS_RULE:
-            raise ValueError(
-                f"{info_path}: preprocess {self.info.get('preprocess')!r}, expected {PREPROCESS_RULE!r}"
-            )
-        try:
-            net = FastGenerator(**self.info["generator_args"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{info_path}: generator_args do not build a FastGenerator ({error})") from None
-        if (
-            int(self.info.get("model_size", -1)) != net.model_size
-            or int(self.info.get("channels", -1)) != net.channels
-        ):
-            raise ValueError(
-                f"{info_path}: model_size/channels {self.info.get('model_size')}/{self.info.get('channels')} "
-                f"contradict generator_args {self.info['generator_args']}"
-            )
-        self.net = load_gan_weights(net, export, self.info).eval().requires_grad_(False)
-        self.nz = int(net.nz)
+        loaded = load_gan_export(generator, FastGenerator, hint=FIT_HINT)
+        self.info = loaded.info
+        self.net = loaded.generator
+        self.nz = int(self.net.nz)
         #: sha256 of the weights: the writer refuses to resume a folder made from other weights
-        self.weights_sha256 = gan_weights_sha256(export, self.info)
+        self.weights_sha256 = loaded.generator_sha256
         self.features: nn.Module | None = None
         if label_space == "bias_features":
             classifier, _ = load_classifier_checkpoint(bias_model, expect={})

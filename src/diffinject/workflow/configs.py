@@ -26,14 +26,31 @@ PROFILES = ("smoke", "quick", "paper")
 #: the unsupervised baselines beside Vanilla and LfF (issue 13): each a classifier stage of its own
 EXTRA_BASELINES = ("disent", "lff_be", "disent_be")
 BASELINES = ("vanilla", "lff", *EXTRA_BASELINES)
-PER_SEED_STAGES = (*BASELINES, "bias", "inject", "debias")
-ALL_STAGES = (*BASELINES, "bias", "diffusion", "inject", "debias")
+#: the generative baselines (issue 22), each a classifier stage on original ∪ its generator's images, and
+#: their controls: A² without the distance-consistency term, and top-K oversampling (AmpliBias's slots, each
+#: filled by its nearest top-K image itself: what a generator that only memorises would give)
+GAN_BASELINES = ("a2", "amplibias")
+GAN_CONTROLS = ("a2_nocdc", "topk_oversample")
+GAN_ROWS = (*GAN_BASELINES, *GAN_CONTROLS)
+#: the generator stages each of those rows needs, in order (`a2_source` is shared across seeds like diffusion)
+GENERATOR_CHAIN: dict[str, tuple[str, ...]] = {
+    "a2": ("a2_source", "a2_adapt", "a2_translate"),
+    "a2_nocdc": ("a2_source", "a2_nocdc_adapt", "a2_nocdc_translate"),
+    "amplibias": ("amplibias_gan", "amplibias_generate"),
+    "topk_oversample": ("amplibias_gan", "amplibias_generate"),
+}
+SHARED_GENERATORS = ("a2_source",)
+GENERATORS = (
+    "a2_adapt", "a2_translate", "a2_nocdc_adapt", "a2_nocdc_translate", "amplibias_gan", "amplibias_generate",
+)  # fmt: skip
+PER_SEED_STAGES = (*BASELINES, "bias", "inject", "debias", *GENERATORS, *GAN_ROWS)
+ALL_STAGES = (*BASELINES, "bias", "diffusion", "inject", "debias", *GAN_ROWS)
 #: what `make pipeline` runs when --stages is not given (`make baselines` adds EXTRA_BASELINES)
 DEFAULT_STAGES = ("vanilla", "lff", "bias", "diffusion", "inject", "debias")
 #: data modules whose imbalance is a `ratio`; the folder datasets take a `pct` folder name instead.
 RATIO_DATASETS = ("cmnist", "ccifar10")
 #: the top-level keys a `--variant` file may have: the stages, and `topk` (the bias stage's top-K predict)
-VARIANT_KEYS = (*ALL_STAGES, "topk")
+VARIANT_KEYS = (*ALL_STAGES, "topk", *SHARED_GENERATORS, *GENERATORS)
 
 
 def pct_to_ratio(pct: str) -> float:
@@ -99,7 +116,7 @@ def path_mover(dataset: str, root: Path, seed: int | None) -> Callable[[str], st
         first = rest.split("/", 1)[0]
         if first in PER_SEED_STAGES:
             return str((root / f"seed{seed if seed is not None else 0}" / rest).as_posix())
-        if first == "diffusion":
+        if first == "diffusion" or first in SHARED_GENERATORS:
             return str((root / rest).as_posix())
         return str((seeded / rest).as_posix()) if rest else str(seeded.as_posix())
 
@@ -253,16 +270,26 @@ class Options:
         return Path(self.configs) / self.dataset
 
 
+def profile_section(opts: Options, name: str) -> dict[str, Any]:
+    """The profile's section for a stage template (the dataset's own profile file, else the shared one)."""
+    profile_file = opts.config_dir / "profiles" / f"{opts.profile}.yaml"
+    if not profile_file.is_file():  # dataset-agnostic profile
+        profile_file = Path(opts.configs) / "profiles" / f"{opts.profile}.yaml"
+    if not profile_file.is_file():
+        if opts.profile != "quick":
+            raise FileNotFoundError(
+                f"profile {opts.profile!r}: neither {opts.config_dir / 'profiles'} nor {profile_file.parent} "
+                f"has {opts.profile}.yaml (profiles: {', '.join(PROFILES)})"
+            )
+        return {}
+    return dict(load_yaml(profile_file).get(name) or {})
+
+
 def stage_config(opts: Options, stage: str, seed: int | None, template: str | None = None) -> dict[str, Any]:
     """The resolved config dict of one stage (template → profile → variants → paths → data)."""
     configs = opts.config_dir
     name = template or stage
-    profile_file = configs / "profiles" / f"{opts.profile}.yaml"
-    if not profile_file.is_file():  # dataset-agnostic profile
-        profile_file = Path(opts.configs) / "profiles" / f"{opts.profile}.yaml"
-    section: dict[str, Any] = {}
-    if profile_file.is_file():
-        section = dict(load_yaml(profile_file).get(name) or {})
+    section = profile_section(opts, name)
     # A profile may swap the base file of a stage (e.g. the paper-size diffusion config) with `_template`,
     # a file name in configs/<dataset>/
     base = configs / (section.pop("_template") if "_template" in section else f"{name}.yaml")
@@ -270,11 +297,6 @@ def stage_config(opts: Options, stage: str, seed: int | None, template: str | No
     if opts.dataset == "folder":
         config = fill_config(config, name if name != "topk" else "bias", opts.facts, opts.headline)
     config = deep_merge(config, section)
-    if not profile_file.is_file() and opts.profile != "quick":
-        raise FileNotFoundError(
-            f"profile {opts.profile!r}: neither {configs / 'profiles'} nor {profile_file.parent} has "
-            f"{opts.profile}.yaml (profiles: {', '.join(PROFILES)})"
-        )
     for variant in opts.variants:
         config = deep_merge(config, load_variant(Path(variant)).get(name))
     config = relocate(config, path_mover(opts.dataset, opts.root, seed))

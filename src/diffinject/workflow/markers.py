@@ -32,6 +32,14 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "inject": ("manifest.csv", "manifest_accepted.csv", "images/*.png"),
     # the inject gate's premise check reads the Vanilla model (a missing one stops the run before it starts)
     "vanilla": ("checkpoints/best.ckpt", "metrics.json"),
+    # the generative baselines (workflow.generative): generator exports and the images they render
+    **dict.fromkeys(
+        ("a2_source", "a2_adapt", "a2_nocdc_adapt", "amplibias_gan"),
+        ("generator/gan_info.json", "generator/*.safetensors"),
+    ),
+    **dict.fromkeys(
+        ("a2_translate", "a2_nocdc_translate", "amplibias_generate"), ("manifest.csv", "images/*.png")
+    ),
 }
 DEFAULT_OUTPUTS = ("metrics.json",)
 TMP_PREFIX = ".pipeline-tmp-"

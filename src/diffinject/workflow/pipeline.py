@@ -1,7 +1,8 @@
 """`make pipeline`: every DiffInject stage through the `diffinject` CLI, resumable, one line per stage.
 
 Order: bias fit → top-K predict → baselines (vanilla, LfF; DisEnt, LfF+BE, DisEnt+BE with `make baselines`) →
-diffusion fit → inject predict → debias fit/test → report. A classifier stage whose config sets
+diffusion fit → inject predict → debias fit/test → the generative baselines A² and AmpliBias with their
+controls (`make baselines`; `workflow.generative`) → report. A classifier stage whose config sets
 `selection_bias` (checkpoint selection with the bias model) waits for its seed's bias stage. Per seed stages
 live under `{runs}/{dataset}/{pct}/seed{S}/` (own data: `{runs}/folder/{name}/{pct}/`); the diffusion model is
 trained once per (dataset, pct) under `.../diffusion/` (it uses no labels and is by far the most expensive
@@ -46,6 +47,7 @@ from diffinject.workflow.configs import (
     stage_config,
 )
 from diffinject.workflow.folder import HEADLINES
+from diffinject.workflow.generative import generative_steps
 from diffinject.workflow.lock import LockHeld, pipeline_lock
 from diffinject.workflow.preflight import CannotStart, check_dataset, check_handovers
 from diffinject.workflow.runner import CONFIG_NAME, Runner, Step, StepFailed, failure_summary
@@ -124,9 +126,9 @@ def plan(opts: Options) -> list[Step]:
         trainer += ["--trainer.devices", str(opts.devices)]
     steps: list[Step] = []
 
-    def fit_test(stage: str, seed: int, upstream: list[str]) -> Step:
+    def fit_test(stage: str, seed: int, upstream: list[str], config: dict[str, Any] | None = None) -> Step:
         folder = root / f"seed{seed}" / stage
-        config = stage_config(opts, stage, seed)
+        config = stage_config(opts, stage, seed) if config is None else config
         upstream = [*upstream, *selection_upstream(config, seed, opts.stages)]
         cfg = str(folder / CONFIG_NAME)
         common = ["--config", cfg, *trainer, "--seed_everything", str(seed)]
@@ -195,7 +197,7 @@ def plan(opts: Options) -> list[Step]:
     for seed in opts.seeds:
         if "debias" in opts.stages:
             steps.append(fit_test("debias", seed, [f"seed{seed}/inject"]))
-    return steps
+    return steps + generative_steps(opts, trainer, fit_test)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]:

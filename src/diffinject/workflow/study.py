@@ -24,9 +24,19 @@ from typing import Any
 
 from diffinject.report import write_report
 from diffinject.workflow import pipeline
-from diffinject.workflow.configs import BASELINES, EXTRA_BASELINES, PER_SEED_STAGES, load_variant
+from diffinject.workflow.configs import (
+    BASELINES,
+    EXTRA_BASELINES,
+    GAN_ROWS,
+    GENERATORS,
+    PER_SEED_STAGES,
+    SHARED_GENERATORS,
+    load_variant,
+)
 from diffinject.workflow.lock import LockHeld, pipeline_lock
 
+#: stages a base run made by `make pipeline` does not have (`make baselines` adds them)
+OPTIONAL_STAGES = (*EXTRA_BASELINES, *SHARED_GENERATORS, *GENERATORS, *GAN_ROWS)
 #: stage → the stages it feeds; a variant overriding a stage reruns it and everything downstream
 DOWNSTREAM = {
     "bias": ("bias", "inject", "debias"),
@@ -57,6 +67,7 @@ def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[
     folder), a stage it no longer overrides has its own folder from an earlier version replaced by the link.
     """
     folders = [("diffusion", base / "diffusion", root / "diffusion")]
+    folders += [(stage, base / stage, root / stage) for stage in SHARED_GENERATORS]
     for seed in seeds:
         for stage in PER_SEED_STAGES:
             folders.append((stage, base / f"seed{seed}" / stage, root / f"seed{seed}" / stage))
@@ -66,7 +77,7 @@ def link_shared(base: Path, root: Path, seeds: Sequence[int], running: Sequence[
                 link.unlink()
             continue
         if not target.exists():
-            if stage in EXTRA_BASELINES:  # `make baselines` only: a base run without them is complete
+            if stage in OPTIONAL_STAGES:  # `make baselines` only: a base run without them is complete
                 continue
             raise FileNotFoundError(f"{target} is missing: run `make pipeline` for the base run first")
         link.parent.mkdir(parents=True, exist_ok=True)
