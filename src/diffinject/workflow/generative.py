@@ -195,8 +195,12 @@ def generative_steps(
         return Step(stage, seed, folder, [command], artifact, config, upstream)
 
     steps += [generator_step(stage, None) for stage in needed if stage in SHARED_GENERATORS]
-    for seed in opts.seeds:
-        steps += [generator_step(stage, seed) for stage in needed if stage not in SHARED_GENERATORS]
+    # A worker waiting on an upstream step holds its slot: what does not wait for the shared GAN goes first.
+    waits = {stage: any(u in SHARED_GENERATORS for u in UPSTREAM[stage]) for stage in needed}
+    for later in (False, True):
+        for seed in opts.seeds:
+            own = [s for s in needed if s not in SHARED_GENERATORS and waits[s] == later]
+            steps += [generator_step(stage, seed) for stage in own]
     for seed in opts.seeds:
         for row in GAN_ROWS:
             if row in opts.stages:
