@@ -92,6 +92,28 @@ def test_datasets_without_gan_configs_borrow_the_recipe_with_their_data(tmp_path
     assert generate["data"]["init_args"]["topk"] == f"{tmp_path}/bffhq/0.5pct/seed0/bias/topk.csv"
 
 
+def test_own_folder_data_gets_the_recipe_with_the_tree_facts(tmp_path: Path) -> None:
+    from test_pipeline_folder import write_tree
+
+    write_tree(tmp_path / "data", size=16, mode="L")
+    opts = Options(
+        dataset="folder", name="bars", pct="5pct", seeds=[0], runs=str(tmp_path / "runs"),
+        data_root=str(tmp_path / "data"), configs=str(REPO / "configs"), stages=["bias", *ROWS],
+    )  # fmt: skip
+    steps = {step.key: step for step in plan(opts)}
+    source = steps["a2_source"].config
+    assert source["data"]["class_path"].endswith("FolderDataModule")
+    assert source["data"]["init_args"]["name"] == "bars" and source["data"]["init_args"]["pct"] == "5pct"
+    assert source["data"]["init_args"]["root"] == str(tmp_path / "data")
+    model = source["model"]["init_args"]
+    assert (model["image_size"], model["channels"], model["model_size"]) == (16, 1, 32)
+    gan = steps["seed0/amplibias_gan"].config
+    assert gan["model"]["init_args"]["channels"] == 1
+    assert gan["data"]["init_args"]["data"]["init_args"]["num_classes"] == 3
+    row = steps["seed0/a2"].config
+    assert row["model"]["init_args"]["num_classes"] == 3 and row["model"]["init_args"]["in_channels"] == 1
+
+
 def test_missing_bias_stage_stops_before_any_generator_runs(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as stopped:
         pipeline.main(["--runs", str(tmp_path), "--seeds", "0", "--stages", "amplibias", "--no-report"])

@@ -441,8 +441,8 @@ def test_missing_stages_have_no_row(tmp_path: Path) -> None:
     assert result["seeds"] == [0, 1, 2] and result["methods"]["debias"]["n"] == 0
     text = (root / "report" / "results.md").read_text()
     assert "| DiffInject |" not in text and "| LfF |" not in text and "| Vanilla | 3 |" in text
-    line = "Not run, so not in the table: LfF, DisEnt, LfF+BE, DisEnt+BE, A², A² without the consistency term "
-    line += "(control), AmpliBias, top-K oversampling (control), GCE bias (reference) "
+    line = "Not run, so not in the table: LfF, DisEnt, LfF+BE, DisEnt+BE, A², A² without the consistency "
+    line += "term (control), AmpliBias, top-K oversampling (control), GCE bias (reference) "
     assert line + "(`make baselines` adds them); DiffInject (`make pipeline` adds it)." in text
     assert "samples.png not written" in text and not (root / "report" / "samples.png").exists()
     assert (root / "report" / "accuracy.png").is_file() and result["synthetic"] is None
