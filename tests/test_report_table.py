@@ -94,7 +94,9 @@ def test_methods_not_run_have_no_row_and_one_line_says_what_adds_them(tmp_path: 
     result = write_report(root, seeds=[0])
     table, notes = table_lines(root)
     assert list(cells(table)) == ["Vanilla", "LfF", "DiffInject", "GCE bias (reference)"]
-    assert "Not run, so not in the table: DisEnt, LfF+BE, DisEnt+BE (`make baselines` adds them)." in notes
+    line = "Not run, so not in the table: DisEnt, LfF+BE, DisEnt+BE, A², A² without the consistency term "
+    line += "(control), AmpliBias, top-K oversampling (control) (`make baselines` adds them)."
+    assert line in notes
     assert result["methods"]["disent"]["n"] == 0  # still in results.json, for scripts
 
 
