@@ -78,6 +78,33 @@ def test_variants_reach_their_own_row_only(tmp_path: Path) -> None:
     assert generator_config(opts, "a2_adapt", 0)["trainer"]["max_steps"] != 7
 
 
+def test_a_variant_may_swap_the_retraining_class_and_keeps_the_seed_paths(tmp_path: Path) -> None:
+    """configs/cmnist/study/gan_rows_lff.yaml: the generators compared under DiffInject's own retraining."""
+    opts = _opts(tmp_path, seeds=[1], variants=[str(REPO / "configs/cmnist/study/gan_rows_lff.yaml")])
+    plain = classifier_config(_opts(tmp_path, seeds=[1]), "amplibias", 1)["model"]["init_args"]
+    model = classifier_config(opts, "amplibias", 1)["model"]
+    assert model["class_path"] == "LfFClassifier" and "loss" not in model["init_args"]
+    assert model["init_args"]["alpha"] == 0.7 and model["init_args"]["if_no_synthetic"] == "erm"
+    shared = {k: v for k, v in plain.items() if k != "loss"}
+    assert {k: model["init_args"][k] for k in shared} == shared  # sizes, lr, seed 1's selection model
+    assert shared["selection_bias"].endswith("seed1/bias/checkpoints/best.ckpt")
+
+
+def test_generator_folders_linked_by_a_study_are_used_not_planned(tmp_path: Path) -> None:
+    """A study variant that retrains a row links the base run's generators; rebuilding them would clear a
+    symlink (or, worse, the base run's folder)."""
+    base = tmp_path / "base"
+    root = tmp_path / "cmnist" / "1pct"
+    for stage in ("a2_source", "seed0/a2_adapt", "seed0/a2_translate"):
+        (base / stage).mkdir(parents=True)
+        (root / stage).parent.mkdir(parents=True, exist_ok=True)
+        (root / stage).symlink_to(base / stage, target_is_directory=True)
+    keys = [s.key for s in plan(_opts(tmp_path, seeds=[0], stages=["a2"]))]
+    assert keys == ["seed0/a2"]
+    keys = [s.key for s in plan(_opts(tmp_path, seeds=[0, 1], stages=["a2"]))]
+    assert keys == ["seed1/a2_adapt", "seed1/a2_translate", "seed0/a2", "seed1/a2"]
+
+
 def test_datasets_without_gan_configs_borrow_the_recipe_with_their_data(tmp_path: Path) -> None:
     opts = _opts(tmp_path, dataset="bffhq", pct="0.5pct", seeds=[0])
     source = generator_config(opts, "a2_source", None)

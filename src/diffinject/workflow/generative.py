@@ -161,8 +161,19 @@ def classifier_config(opts: Options, row: str, seed: int) -> dict[str, Any]:
     if control is not None:
         data_init["synthetic_control"] = control
     for variant in opts.variants:
-        config = deep_merge(config, load_variant(Path(variant)).get(row))
+        config = deep_merge(config, row_section(load_variant(Path(variant)).get(row), kept))
     return config
+
+
+def row_section(section: dict[str, Any] | None, kept: dict[str, Any]) -> dict[str, Any] | None:
+    """A variant's section for a row. One that swaps the retraining class (e.g. `class_path: LfFClassifier`,
+    DiffInject's own retraining, to compare generators under one recipe) keeps the row's shared arguments —
+    sizes, lr, this seed's selection model — under its own init args, so it need not spell out seed paths."""
+    model = (section or {}).get("model")
+    if not isinstance(model, dict) or model.get("class_path") in (None, "DebiasClassifier"):
+        return section
+    init = {**kept, **(model.get("init_args") or {})}
+    return {**section, "model": {"class_path": model["class_path"], "init_args": init}}
 
 
 def chain_of(stages: list[str]) -> list[str]:
@@ -181,8 +192,15 @@ def generative_steps(
     steps: list[Step] = []
     needed = chain_of(list(opts.stages))
 
+    def folder_of(stage: str, seed: int | None) -> Path:
+        return opts.root / stage if seed is None else opts.root / f"seed{seed}" / stage
+
+    def linked(stage: str, seed: int | None) -> bool:
+        """A generator folder `make study` linked from its base run: used as it is, never rebuilt here."""
+        return folder_of(stage, seed).is_symlink()
+
     def generator_step(stage: str, seed: int | None) -> Step:
-        folder = opts.root / stage if seed is None else opts.root / f"seed{seed}" / stage
+        folder = folder_of(stage, seed)
         config = generator_config(opts, stage, seed)
         command = ["--config", str(folder / CONFIG_NAME), *trainer, "--seed_everything", str(seed or 0)]
         if stage in FIT_STAGES:
@@ -194,13 +212,13 @@ def generative_steps(
         upstream = [u if u in SHARED_GENERATORS else f"seed{seed}/{u}" for u in UPSTREAM[stage]]
         return Step(stage, seed, folder, [command], artifact, config, upstream)
 
-    steps += [generator_step(stage, None) for stage in needed if stage in SHARED_GENERATORS]
+    steps += [generator_step(s, None) for s in needed if s in SHARED_GENERATORS and not linked(s, None)]
     # A worker waiting on an upstream step holds its slot: what does not wait for the shared GAN goes first.
     waits = {stage: any(u in SHARED_GENERATORS for u in UPSTREAM[stage]) for stage in needed}
     for later in (False, True):
         for seed in opts.seeds:
             own = [s for s in needed if s not in SHARED_GENERATORS and waits[s] == later]
-            steps += [generator_step(stage, seed) for stage in own]
+            steps += [generator_step(stage, seed) for stage in own if not linked(stage, seed)]
     for seed in opts.seeds:
         for row in GAN_ROWS:
             if row in opts.stages:

@@ -45,6 +45,7 @@ DOWNSTREAM = {
     "inject": ("inject", "debias"),
     "debias": ("debias",),
     **{stage: (stage,) for stage in BASELINES},
+    **{row: (row,) for row in GAN_ROWS},  # a row's retraining; its generator stages are linked from the base
     "vanilla": ("vanilla", "inject", "debias"),  # the inject gate's premise check reads the Vanilla model
 }
 
