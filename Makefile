@@ -98,7 +98,8 @@ STUDY_VARIANTS ?= $(sort $(wildcard configs/$(DATASET)/study/*.yaml))
 study: $(STAMP) ## Ablation table: base pipeline + one run per configs/$(DATASET)/study/*.yaml (~2 h on 2 CPU cores; STUDY_VARIANTS=...)
 	$(PIPELINE)
 	DIFFINJECT_VERBOSE=$(VERBOSE) OMP_NUM_THREADS=$(CPU_THREADS) $(BIN)/python -m diffinject.workflow.study --dataset $(DATASET) --pct $(PCT) \
-		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) -- $(STUDY_VARIANTS)
+		--profile $(PROFILE) --seeds $(SEEDS) --runs $(RUNS) --trainer $(TRAINER) --data-root $(DATA_ROOT) \
+		$(if $(NAME),--name $(NAME)) -- $(STUDY_VARIANTS)
 
 .PHONY: bench
 bench: $(STAMP) ## CPU benchmarks (JSON): data loading, diffusion training, injection

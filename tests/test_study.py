@@ -95,3 +95,38 @@ def test_control_variants_rerun_only_debias_and_the_table_says_so(
     assert text.rstrip().endswith(f"| n/a (control: {control}) | n/a (control: {control}) |")
     plain = row_of("default", {}, {**results, "configs": {"knobs": {"debias": {"class": "LfFClassifier"}}}})
     assert plain["synthetic_control"] is None and plain["synthetic_conflict_rate"] == stat
+
+
+def test_a_folder_study_runs_under_the_trees_name_and_passes_its_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make study DATASET=folder NAME=… DATA_ROOT=…`: base, variant root and table follow the tree's name."""
+    from diffinject.workflow import study
+
+    runs = tmp_path / "runs"
+    base = runs / "folder" / "trees" / "1pct"
+    for stage in ("diffusion", "seed0/vanilla", "seed0/lff", "seed0/bias", "seed0/inject"):
+        (base / stage).mkdir(parents=True)
+    calls: list[list[str]] = []
+
+    def fake_pipeline(argv: list[str]) -> None:  # what the study hands the pipeline, and a report to read back
+        calls.append(argv)
+        report = runs / "study" / "control_oversample" / "folder" / "trees" / "1pct" / "report"
+        report.mkdir(parents=True)
+        (report / "results.json").write_text('{"methods": {}, "configs": {"knobs": {}}}')
+
+    monkeypatch.setattr(study.pipeline, "main", fake_pipeline)
+    variant = str(REPO / "configs" / "cmnist" / "study" / "control_oversample.yaml")
+    common = ["--dataset", "folder", "--pct", "1pct", "--seeds", "0", "--runs", str(runs)]
+    study.main([*common, "--name", "trees", "--data-root", str(tmp_path / "data"), variant])
+
+    (argv,) = calls
+    assert argv[argv.index("--name") + 1] == "trees"
+    assert argv[argv.index("--data-root") + 1] == str(tmp_path / "data")
+    root = runs / "study" / "control_oversample" / "folder" / "trees" / "1pct"
+    assert (root / "seed0" / "inject").resolve() == (base / "seed0" / "inject").resolve()
+    assert (runs / "study" / "folder-trees-1pct.md").is_file()
+
+    with pytest.raises(SystemExit) as error:  # no NAME: refused before anything runs
+        study.main([*common, variant])
+    assert error.value.code == 2

@@ -9,6 +9,10 @@ table (`{runs}/study/{dataset}-{pct}.md|json`) has one row per variant: its over
 `synthetic_control` row: the measurements read the inject manifest, not the control's training data).
 
     python -m diffinject.workflow.study --dataset cmnist --pct 1pct --seeds 0 1 2 configs/cmnist/study/*.yaml
+
+Your own tree (`DATASET=folder`): `--name NAME --data-root DATA_ROOT`, base `{runs}/folder/{NAME}/{pct}`, table
+`{runs}/study/folder-{NAME}-{pct}.md|json`; a variant file written for CMNIST works when its overrides are
+not CMNIST-specific (e.g. `control_oversample.yaml`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from diffinject.workflow.configs import (
     PER_SEED_STAGES,
     SHARED_GENERATORS,
     load_variant,
+    path_component,
 )
+from diffinject.workflow.folder import HEADLINES
 from diffinject.workflow.lock import LockHeld, pipeline_lock
 
 #: stages a base run made by `make pipeline` does not have (`make baselines` adds them)
@@ -183,6 +189,10 @@ def run_variant(
     common = ["--dataset", args.dataset, "--pct", args.pct, "--profile", args.profile]
     common += ["--trainer", args.trainer, "--runs", str(study_runs), "--variant", file]
     common += ["--seeds", *map(str, args.seeds), "--stages", *running]
+    if args.data_root is not None:
+        common += ["--data-root", args.data_root]
+    if args.name is not None:
+        common += ["--name", args.name, "--headline", args.headline]
     if args.jobs is not None:
         common += ["--jobs", str(args.jobs)]
     if running:
@@ -202,9 +212,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--trainer", default="cpu")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--data-root", default=None, help="as for the pipeline (user-supplied datasets)")
+    parser.add_argument("--name", default=None, help="DATASET=folder: the tree's folder under --data-root")
+    parser.add_argument(
+        "--headline", default="all", choices=HEADLINES, help="DATASET=folder, as for the pipeline"
+    )
     args = parser.parse_args(argv)
-    base = Path(args.runs) / args.dataset / args.pct
-    out = Path(args.runs) / "study" / f"{args.dataset}-{args.pct}"
+    if args.dataset == "folder" and not args.name:
+        parser.error("--dataset folder needs --name (NAME=<the tree's folder under DATA_ROOT>)")
+    dataset_dir = (
+        Path(args.dataset, path_component(args.name, "NAME"))
+        if args.dataset == "folder"
+        else Path(args.dataset)
+    )
+    base = Path(args.runs) / dataset_dir / args.pct
+    out = Path(args.runs) / "study" / f"{'-'.join(dataset_dir.parts)}-{args.pct}"
     try:  # every file checked before the first variant runs (hours before a typo in the last one)
         variants = {file: load_variant(Path(file)) for file in args.variants}
         for variant in variants.values():
@@ -218,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = Path(file).stem
         running = stages_to_run(variant)
         study_runs = Path(args.runs) / "study" / name
-        root = study_runs / args.dataset / args.pct
+        root = study_runs / dataset_dir / args.pct
         try:  # the variant's root, held across linking and its pipeline (which re-enters the lock)
             with pipeline_lock(root, command):
                 run_variant(file, variant, root, running, base, study_runs, args)
