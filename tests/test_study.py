@@ -109,7 +109,7 @@ def test_a_folder_study_runs_under_the_trees_name_and_passes_its_data_root(
         (base / stage).mkdir(parents=True)
     calls: list[list[str]] = []
 
-    def fake_pipeline(argv: list[str]) -> None:  # what the study hands the pipeline, and a report to read back
+    def fake_pipeline(argv: list[str]) -> None:  # what the study hands the pipeline; a report to read back
         calls.append(argv)
         report = runs / "study" / "control_oversample" / "folder" / "trees" / "1pct" / "report"
         report.mkdir(parents=True)
@@ -130,3 +130,16 @@ def test_a_folder_study_runs_under_the_trees_name_and_passes_its_data_root(
     with pytest.raises(SystemExit) as error:  # no NAME: refused before anything runs
         study.main([*common, variant])
     assert error.value.code == 2
+
+
+def test_a_variant_of_other_rows_gets_a_line_per_row_and_does_not_claim_the_base_diffinject() -> None:
+    stat, other = {"mean": 0.5, "std": 0.1}, {"mean": 0.25, "std": 0.05}
+    variant = {"a2": {"model": {"class_path": "LfFClassifier"}}}
+    methods = {"debias": {"test/acc": stat}, "a2": {"test/acc": other}, "lff": {"test/acc": stat}}
+    results = {"methods": methods}
+    row = row_of("gan_rows_lff", variant, results)
+    assert row["reran"] == ["a2"]
+    lines = table([row]).splitlines()
+    assert lines[2].split(" | ")[2:5] == ["(base run)"] * 3  # the linked DiffInject is not this variant's
+    assert lines[3].startswith("| gan_rows_lff: a2 | (row) | 25.0 ± 5.0 |")
+    assert len(lines) == 4  # no line for lff, which the variant did not rerun

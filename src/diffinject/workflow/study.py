@@ -10,9 +10,9 @@ table (`{runs}/study/{dataset}-{pct}.md|json`) has one row per variant: its over
 
     python -m diffinject.workflow.study --dataset cmnist --pct 1pct --seeds 0 1 2 configs/cmnist/study/*.yaml
 
-Your own tree (`DATASET=folder`): `--name NAME --data-root DATA_ROOT`, base `{runs}/folder/{NAME}/{pct}`, table
-`{runs}/study/folder-{NAME}-{pct}.md|json`; a variant file written for CMNIST works when its overrides are
-not CMNIST-specific (e.g. `control_oversample.yaml`).
+Your own tree (`DATASET=folder`): `--name NAME --data-root DATA_ROOT`, base `{runs}/folder/{NAME}/{pct}`,
+table `{runs}/study/folder-{NAME}-{pct}.md|json`; a variant file written for CMNIST works when its overrides
+are not CMNIST-specific (e.g. `control_oversample.yaml`).
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ def row_of(name: str, variant: dict[str, Any], results: dict[str, Any]) -> dict[
         "synthetic_shape_is_label": synthetic.get("shape.shape_is_label"),
         "synthetic_recombination": synthetic.get("recombination.recombination"),
         "synthetic_control": control,
+        # what this variant rebuilt: a variant of other rows (e.g. the GAN rows) gets a line per row it reran
+        "reran": stages_to_run(variant),
     }
     if control is not None:
         # The report measures the inject manifest's images and labels; a control trained on something else.
@@ -149,7 +151,10 @@ def _pct(stat: dict[str, Any] | None) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per variant; accuracies of the debias stage (best-val checkpoint and last epoch) in %."""
+    """One row per variant; accuracies of the debias stage (best-val checkpoint and last epoch) in %.
+
+    A variant that reruns other classifier rows (say the GAN rows under another recipe) gets a line for each.
+    """
     header = [
         "variant", "overrides", "DiffInject overall", "conflicting", "overall, last epoch",
         "top-K precision", "synthetic conflict rate", "synthetic shape = label", "recombinations",
@@ -170,7 +175,20 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             _pct(debias.get("test/acc_conflicting")), _pct(last.get("test/acc")), _pct(row["topk_precision"]),
             *measured,
         ]  # fmt: skip
+        reran = row.get("reran")  # absent in rows stored before it was recorded: the debias line only
+        if (
+            reran is not None and "debias" not in reran
+        ):  # the base run's DiffInject, linked: not this variant's
+            cells[2:5] = ["(base run)"] * 3
         lines.append("| " + " | ".join(cells) + " |")
+        for stage in [s for s in reran or () if s not in ("bias", "debias") and s in row["methods"]]:
+            result, result_last = row["methods"][stage], row["methods"].get(f"{stage}/last_epoch") or {}
+            accuracies = [_pct(result.get("test/acc")), _pct(result.get("test/acc_conflicting"))]
+            lines.append(
+                f"| {row['variant']}: {stage} | (row) | "
+                + " | ".join([*accuracies, _pct(result_last.get("test/acc")), *["–"] * 4])
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
